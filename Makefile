@@ -1,0 +1,31 @@
+# blockrep developer entry points. Every target that runs code first runs the idempotent bootstrap.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+
+.PHONY: all bootstrap demo test bench build lint clean
+
+all: test
+
+bootstrap:
+	scripts/bootstrap.sh
+
+demo: bootstrap
+	scripts/demo.sh
+
+test: bootstrap
+	$(PY) -m pytest -q tests
+
+bench: bootstrap
+	bench/run.sh
+
+build:
+	$(PY) -m engine._native_build
+
+lint:
+	$(VENV)/bin/ruff check engine nbd_plugin tests bench
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .mypy_cache demo-vol
+	rm -f engine/_native*.so engine/_native*.o
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

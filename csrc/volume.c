@@ -1,0 +1,1652 @@
+/* The lsfs volume engine: log records, segments, recovery, checkpoints, the collector.
+ * See volume.h for the design notes and docs/FORMAT.md for every byte on disk. */
+#define _GNU_SOURCE
+#include "volume.h"
+#include "blockmap.h"
+#include "crc32c.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+#include <zstd.h>
+
+#define BS 4096u
+#define SEG_HDR 64u
+#define REC_HDR 48u
+#define SEG_MAGIC 0x47535242u
+#define REC_MAGIC 0x43525242u
+#define CKPT_MAGIC 0x4b435242u
+#define MAX_REC_BLOCKS 1024u
+#define MAX_COMP_BLOCKS 16u
+#define MAX_TOMB_BLOCKS (1u << 30)
+
+enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5 };
+enum { F_COMP = 1, F_MORE = 2 };
+
+typedef struct seg_info {
+    int fd;               /* -1 when the segment does not exist */
+    uint8_t needs_sync;
+    uint64_t total_blocks;
+    uint64_t live_blocks;
+    uint64_t file_size;   /* for sealed segments; active: v->active_off */
+} seg_info;
+
+struct vol {
+    pthread_mutex_t lock;
+    int dirfd, segdirfd;
+    vol_params p;
+    uint64_t nblocks;
+    uint64_t uuid8;
+    blockmap *head;
+    uint32_t gen;
+    uint64_t next_seq;
+    seg_info *segs;
+    uint64_t nsegs_cap;
+    uint64_t active;          /* id of the active segment */
+    uint64_t active_off;      /* logical end of the active segment (file + buffer) */
+    uint64_t flushed_off;     /* bytes of the active segment already in the file */
+    uint8_t *wbuf;
+    size_t wbuf_len, wbuf_cap;
+    int dir_dirty;
+    int records_since_marker;
+    uint64_t since_ckpt;
+    uint64_t ckpt_size;
+    uint64_t corrupt_reads;
+    uint64_t gc_segments, gc_bytes_moved;
+    ZSTD_CCtx *cctx;
+    ZSTD_DCtx *dctx;
+    uint8_t *zbuf;            /* compression scratch */
+    uint8_t *dcache;          /* last decompressed record */
+    uint64_t dcache_loc;      /* loc (without index) of dcache, 0 = empty */
+    uint8_t *scratch;         /* RMW scratch for unaligned requests */
+    size_t scratch_cap;
+};
+
+static __thread char errbuf[512];
+
+const char *vol_errmsg(void) { return errbuf; }
+
+static int fail(int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(errbuf, sizeof errbuf, fmt, ap);
+    va_end(ap);
+    errno = err;
+    return -1;
+}
+
+static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+static inline uint32_t get32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+
+/* ---------- segment table ---------- */
+
+static int seg_reserve(vol *v, uint64_t id)
+{
+    if (id < v->nsegs_cap)
+        return 0;
+    uint64_t cap = v->nsegs_cap ? v->nsegs_cap : 64;
+    while (cap <= id)
+        cap *= 2;
+    seg_info *n = realloc(v->segs, cap * sizeof *n);
+    if (!n)
+        return fail(ENOMEM, "out of memory for the segment table");
+    for (uint64_t i = v->nsegs_cap; i < cap; i++)
+        n[i] = (seg_info){.fd = -1};
+    v->segs = n;
+    v->nsegs_cap = cap;
+    return 0;
+}
+
+static void seg_name(char *buf, uint64_t id) { snprintf(buf, 32, "%016llx.seg", (unsigned long long)id); }
+
+static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
+{
+    const uint8_t *p = buf;
+    while (len) {
+        ssize_t n = pwrite(fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+static int full_pread(int fd, void *buf, size_t len, uint64_t off)
+{
+    uint8_t *p = buf;
+    while (len) {
+        ssize_t n = pread(fd, p, len, (off_t)off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (n == 0)
+            return errno = EIO, -1;
+        p += n;
+        len -= (size_t)n;
+        off += (uint64_t)n;
+    }
+    return 0;
+}
+
+/* Write the buffered tail of the active segment to its file. On failure the unwritten part
+ * stays buffered (still readable) and errno tells why. */
+static int flush_wbuf(vol *v)
+{
+    size_t done = 0;
+    int fd = v->segs[v->active].fd;
+    while (done < v->wbuf_len) {
+        ssize_t n = pwrite(fd, v->wbuf + done, v->wbuf_len - done, (off_t)(v->flushed_off + done));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            if (done) {
+                memmove(v->wbuf, v->wbuf + done, v->wbuf_len - done);
+                v->wbuf_len -= done;
+                v->flushed_off += done;
+            }
+            return fail(e, "writing segment %llu: %s", (unsigned long long)v->active, strerror(e));
+        }
+        done += (size_t)n;
+    }
+    v->flushed_off += v->wbuf_len;
+    v->wbuf_len = 0;
+    return 0;
+}
+
+static int create_segment(vol *v, uint64_t id)
+{
+    char name[32];
+    if (seg_reserve(v, id) < 0)
+        return -1;
+    seg_name(name, id);
+    int fd = openat(v->segdirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return fail(errno, "creating segment %s: %s", name, strerror(errno));
+    uint8_t h[SEG_HDR] = {0};
+    put32(h, SEG_MAGIC);
+    h[8] = 1;
+    put32(h + 12, (uint32_t)id);
+    memcpy(h + 16, v->p.uuid, 16);
+    put64(h + 32, v->next_seq);
+    put32(h + 4, crc32c(h + 8, SEG_HDR - 8));
+    if (full_pwrite(fd, h, SEG_HDR, 0) < 0) {
+        int e = errno;
+        close(fd);
+        unlinkat(v->segdirfd, name, 0);
+        return fail(e, "writing segment header %s: %s", name, strerror(e));
+    }
+    v->segs[id] = (seg_info){.fd = fd, .needs_sync = 1};
+    v->active = id;
+    v->active_off = v->flushed_off = SEG_HDR;
+    v->wbuf_len = 0;
+    v->dir_dirty = 1;
+    return 0;
+}
+
+static int rotate(vol *v)
+{
+    if (flush_wbuf(v) < 0)
+        return -1;
+    seg_info *s = &v->segs[v->active];
+    uint64_t old = v->active, old_off = v->active_off;
+    s->file_size = v->active_off;
+    if (create_segment(v, old + 1) < 0) {
+        v->active = old;
+        v->active_off = v->flushed_off = old_off;
+        return -1;
+    }
+    return 0;
+}
+
+/* Append one record. Returns the offset of its payload in the active segment via *pay_off. */
+static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t lba, uint32_t gen,
+                         const uint32_t *crcs, uint32_t ncrc, const void *payload, uint32_t plen,
+                         uint64_t *rec_off_out, uint64_t *pay_off)
+{
+    uint64_t reclen = REC_HDR + 4ull * ncrc + plen;
+    if (v->wbuf_len && flush_wbuf(v) < 0 && v->wbuf_len + reclen > v->wbuf_cap)
+        return -1; /* an earlier buffer could not be written and there is no room */
+    if (v->active_off + reclen > v->p.segment_size && v->active_off > SEG_HDR)
+        if (rotate(v) < 0)
+            return -1;
+    uint8_t h[REC_HDR];
+    put32(h, REC_MAGIC);
+    h[8] = (uint8_t)type;
+    h[9] = (uint8_t)flags;
+    h[10] = h[11] = 0;
+    put32(h + 12, nblocks);
+    put32(h + 16, plen);
+    put32(h + 20, gen);
+    put64(h + 24, v->next_seq);
+    put64(h + 32, lba);
+    put64(h + 40, v->uuid8);
+    uint32_t hc = crc32c(h + 8, REC_HDR - 8);
+    if (ncrc)
+        hc = crc32c_extend(hc, crcs, 4ull * ncrc);
+    put32(h + 4, hc);
+
+    uint64_t rec_off = v->active_off;
+    if (v->wbuf_len + reclen <= v->wbuf_cap) {
+        uint8_t *d = v->wbuf + v->wbuf_len;
+        memcpy(d, h, REC_HDR);
+        if (ncrc)
+            memcpy(d + REC_HDR, crcs, 4ull * ncrc);
+        if (plen)
+            memcpy(d + REC_HDR + 4ull * ncrc, payload, plen);
+        v->wbuf_len += reclen;
+    } else {
+        if (flush_wbuf(v) < 0)
+            return -1;
+        struct iovec iov[3] = {{h, REC_HDR}, {(void *)crcs, 4ull * ncrc}, {(void *)payload, plen}};
+        int fd = v->segs[v->active].fd;
+        uint64_t off = rec_off, left = reclen;
+        int i = 0;
+        while (left) {
+            ssize_t n = pwritev(fd, iov + i, 3 - i, (off_t)off);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                int e = errno;
+                if (ftruncate(fd, (off_t)rec_off) < 0) { /* best effort: drop the partial record */ }
+                return fail(e, "writing segment %llu: %s", (unsigned long long)v->active, strerror(e));
+            }
+            off += (uint64_t)n;
+            left -= (uint64_t)n;
+            while (n > 0 && i < 3) {
+                if ((size_t)n >= iov[i].iov_len) {
+                    n -= (ssize_t)iov[i].iov_len;
+                    i++;
+                } else {
+                    iov[i].iov_base = (uint8_t *)iov[i].iov_base + n;
+                    iov[i].iov_len -= (size_t)n;
+                    n = 0;
+                }
+            }
+        }
+        v->flushed_off = rec_off + reclen;
+    }
+    v->active_off += reclen;
+    v->next_seq++;
+    v->since_ckpt += reclen;
+    v->segs[v->active].needs_sync = 1;
+    if (type == R_WRITE || type == R_RELOC)
+        v->segs[v->active].total_blocks += nblocks;
+    if (type != R_FLUSH)
+        v->records_since_marker = 1;
+    if (rec_off_out)
+        *rec_off_out = rec_off;
+    if (pay_off)
+        *pay_off = rec_off + REC_HDR + 4ull * ncrc;
+    return 0;
+}
+
+static int sync_all(vol *v)
+{
+    if (flush_wbuf(v) < 0)
+        return -1;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+        seg_info *s = &v->segs[i];
+        if (s->fd >= 0 && s->needs_sync) {
+            if (fdatasync(s->fd) < 0)
+                return fail(errno, "fdatasync of segment %llu: %s", (unsigned long long)i,
+                            strerror(errno));
+            s->needs_sync = 0;
+        }
+    }
+    if (v->dir_dirty) {
+        if (fsync(v->segdirfd) < 0)
+            return fail(errno, "fsync of the segment directory: %s", strerror(errno));
+        v->dir_dirty = 0;
+    }
+    return 0;
+}
+
+static int flush_locked(vol *v)
+{
+    if (!v->records_since_marker && !v->wbuf_len)
+        return 0;
+    if (sync_all(v) < 0)
+        return -1;
+    if (v->records_since_marker) {
+        /* The marker says: every record before me was synced. It is itself synced by the next
+         * flush; until then it is only a hint and recovery never needs it. */
+        if (append_record(v, R_FLUSH, 0, 0, 0, v->gen, NULL, 0, NULL, 0, NULL, NULL) < 0)
+            return -1;
+        v->records_since_marker = 0;
+    }
+    return 0;
+}
+
+/* ---------- map updates and live accounting ---------- */
+
+static void unref_old(vol *v, bm_entry old)
+{
+    unsigned k = bm_kind(old.loc);
+    if (k == BM_DATA || k == BM_COMP) {
+        uint64_t s = bm_seg(old.loc);
+        if (s < v->nsegs_cap && v->segs[s].live_blocks)
+            v->segs[s].live_blocks--;
+    }
+}
+
+static int map_set(vol *v, uint64_t lba, bm_entry e)
+{
+    bm_entry old;
+    if (blockmap_set(v->head, lba, e, &old) < 0)
+        return fail(ENOMEM, "out of memory for the block map");
+    unref_old(v, old);
+    unsigned k = bm_kind(e.loc);
+    if (k == BM_DATA || k == BM_COMP)
+        v->segs[bm_seg(e.loc)].live_blocks++;
+    return 0;
+}
+
+/* Mark [lba, lba+n) as zero/trimmed, skipping blocks that already read as zero (never written,
+ * zero, trimmed): they do not change. Mirrors exactly what replay does. */
+static int map_tombstone(vol *v, uint64_t lba, uint64_t n, unsigned kind, uint32_t gen)
+{
+    uint64_t end = lba + n;
+    while (lba < end) {
+        uint64_t li = lba >> BM_LEAF_SHIFT;
+        uint64_t leaf_end = (li + 1) << BM_LEAF_SHIFT;
+        if (leaf_end > end)
+            leaf_end = end;
+        const bm_leaf *l = blockmap_leaf(v->head, li);
+        if (!l) {
+            uint64_t nl = blockmap_next_leaf(v->head, li);
+            if (nl == UINT64_MAX)
+                return 0;
+            lba = nl << BM_LEAF_SHIFT;
+            continue;
+        }
+        for (; lba < leaf_end; lba++) {
+            unsigned k = bm_kind(l->e[lba & (BM_LEAF_ENTRIES - 1)].loc);
+            if (k == BM_DATA || k == BM_COMP) {
+                bm_entry e = {bm_loc(kind, 0, 0, 0), 0, gen};
+                if (map_set(v, lba, e) < 0)
+                    return -1;
+                l = blockmap_leaf(v->head, li); /* may have been copied */
+            }
+        }
+    }
+    return 0;
+}
+
+/* ---------- reads ---------- */
+
+static inline int in_wbuf(vol *v, uint64_t seg, uint64_t off)
+{
+    return seg == v->active && off >= v->flushed_off;
+}
+
+static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
+{
+    if (in_wbuf(v, seg, off)) {
+        memcpy(dst, v->wbuf + (off - v->flushed_off), len);
+        return 0;
+    }
+    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0)
+        return fail(EIO, "block refers to missing segment %llu", (unsigned long long)seg);
+    if (seg == v->active && off + len > v->flushed_off) {
+        /* straddles file and buffer */
+        size_t a = (size_t)(v->flushed_off - off);
+        if (full_pread(v->segs[seg].fd, dst, a, off) < 0)
+            return fail(EIO, "reading segment %llu: %s", (unsigned long long)seg, strerror(errno));
+        memcpy((uint8_t *)dst + a, v->wbuf, len - a);
+        return 0;
+    }
+    if (full_pread(v->segs[seg].fd, dst, len, off) < 0)
+        return fail(EIO, "reading segment %llu: %s", (unsigned long long)seg, strerror(errno));
+    return 0;
+}
+
+static int read_compressed(vol *v, bm_entry e, uint8_t *dst)
+{
+    uint64_t seg = bm_seg(e.loc), off = bm_off(e.loc);
+    uint64_t key = e.loc & ~(0xffULL << 56);
+    if (v->dcache_loc != key) {
+        uint8_t h[REC_HDR + 4];
+        if (read_bytes(v, seg, off, h, sizeof h) < 0)
+            return -1;
+        uint32_t n = get32(h + 12), plen = get32(h + 16);
+        if (get32(h) != REC_MAGIC || n == 0 || n > MAX_COMP_BLOCKS || plen > MAX_COMP_BLOCKS * BS) {
+            v->corrupt_reads++;
+            return fail(EIO, "corrupt compressed record header in segment %llu at %llu",
+                        (unsigned long long)seg, (unsigned long long)off);
+        }
+        if (read_bytes(v, seg, off + REC_HDR + 4, v->zbuf, plen) < 0)
+            return -1;
+        if (crc32c(v->zbuf, plen) != e.crc) {
+            v->corrupt_reads++;
+            return fail(EIO, "checksum mismatch in segment %llu at %llu", (unsigned long long)seg,
+                        (unsigned long long)off);
+        }
+        size_t r = ZSTD_decompressDCtx(v->dctx, v->dcache, MAX_COMP_BLOCKS * BS, v->zbuf, plen);
+        if (ZSTD_isError(r) || r != (size_t)n * BS) {
+            v->corrupt_reads++;
+            return fail(EIO, "cannot decompress record in segment %llu at %llu",
+                        (unsigned long long)seg, (unsigned long long)off);
+        }
+        v->dcache_loc = key;
+    }
+    memcpy(dst, v->dcache + (size_t)bm_index(e.loc) * BS, BS);
+    return 0;
+}
+
+/* Read whole blocks [lba, lba+n) into dst, coalescing runs that are contiguous on disk. */
+static int read_blocks(vol *v, uint64_t lba, uint64_t n, uint8_t *dst)
+{
+    uint64_t i = 0;
+    while (i < n) {
+        bm_entry e = blockmap_get(v->head, lba + i);
+        unsigned k = bm_kind(e.loc);
+        if (k == BM_DATA) {
+            uint64_t seg = bm_seg(e.loc), off = bm_off(e.loc);
+            int buffered = in_wbuf(v, seg, off);
+            uint64_t j = i + 1;
+            while (j < n) {
+                bm_entry f = blockmap_get(v->head, lba + j);
+                if (bm_kind(f.loc) != BM_DATA || bm_seg(f.loc) != seg ||
+                    bm_off(f.loc) != off + (j - i) * BS || in_wbuf(v, seg, bm_off(f.loc)) != buffered)
+                    break;
+                j++;
+            }
+            if (read_bytes(v, seg, off, dst + i * BS, (size_t)(j - i) * BS) < 0)
+                return -1;
+            for (uint64_t b = i; b < j; b++) {
+                bm_entry f = b == i ? e : blockmap_get(v->head, lba + b);
+                if (crc32c(dst + b * BS, BS) != f.crc) {
+                    v->corrupt_reads++;
+                    return fail(EIO, "checksum mismatch for block %llu (segment %llu)",
+                                (unsigned long long)(lba + b), (unsigned long long)seg);
+                }
+            }
+            i = j;
+        } else if (k == BM_COMP) {
+            if (read_compressed(v, e, dst + i * BS) < 0)
+                return -1;
+            i++;
+        } else {
+            memset(dst + i * BS, 0, BS);
+            i++;
+        }
+    }
+    return 0;
+}
+
+static int scratch(vol *v, size_t len)
+{
+    if (v->scratch_cap >= len)
+        return 0;
+    uint8_t *n = realloc(v->scratch, len);
+    if (!n)
+        return fail(ENOMEM, "out of memory");
+    v->scratch = n;
+    v->scratch_cap = len;
+    return 0;
+}
+
+static int check_range(vol *v, uint64_t count, uint64_t offset)
+{
+    if (offset > v->p.size || count > v->p.size - offset)
+        return fail(EINVAL, "request [%llu, +%llu) beyond the end of the volume (%llu bytes)",
+                    (unsigned long long)offset, (unsigned long long)count,
+                    (unsigned long long)v->p.size);
+    return 0;
+}
+
+static int read_locked(vol *v, uint8_t *buf, uint64_t count, uint64_t offset)
+{
+    uint64_t first = offset / BS, last = (offset + count - 1) / BS;
+    if (offset % BS == 0 && count % BS == 0)
+        return read_blocks(v, first, count / BS, buf);
+    uint8_t tmp[BS];
+    uint64_t pos = offset, end = offset + count;
+    /* head partial block */
+    if (pos % BS) {
+        if (read_blocks(v, first, 1, tmp) < 0)
+            return -1;
+        uint64_t take = BS - pos % BS;
+        if (take > count)
+            take = count;
+        memcpy(buf, tmp + pos % BS, take);
+        pos += take;
+    }
+    uint64_t mid_end = end - end % BS;
+    if (pos < mid_end) {
+        if (read_blocks(v, pos / BS, (mid_end - pos) / BS, buf + (pos - offset)) < 0)
+            return -1;
+        pos = mid_end;
+    }
+    if (pos < end) {
+        if (read_blocks(v, last, 1, tmp) < 0)
+            return -1;
+        memcpy(buf + (pos - offset), tmp, end - pos);
+    }
+    return 0;
+}
+
+int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset)
+{
+    if (count == 0)
+        return 0;
+    pthread_mutex_lock(&v->lock);
+    int r = check_range(v, count, offset);
+    if (r == 0)
+        r = read_locked(v, buf, count, offset);
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+/* ---------- writes ---------- */
+
+static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, int type, uint32_t gen)
+{
+    uint32_t crcs[MAX_REC_BLOCKS];
+    uint64_t done = 0;
+    while (done < n) {
+        if (v->p.compress) {
+            uint32_t k = (uint32_t)(n - done < MAX_COMP_BLOCKS ? n - done : MAX_COMP_BLOCKS);
+            const uint8_t *src = data + done * BS;
+            size_t cl = ZSTD_compressCCtx(v->cctx, v->zbuf, ZSTD_compressBound(MAX_COMP_BLOCKS * BS),
+                                          src, (size_t)k * BS, v->p.zstd_level);
+            int more = done + k < n ? F_MORE : 0;
+            uint64_t rec_off, pay;
+            if (!ZSTD_isError(cl) && cl < (size_t)k * BS - 512) {
+                uint32_t c = crc32c(v->zbuf, cl);
+                if (append_record(v, type, F_COMP | more, k, lba + done, gen, &c, 1, v->zbuf,
+                                  (uint32_t)cl, &rec_off, &pay) < 0)
+                    return -1;
+                for (uint32_t b = 0; b < k; b++)
+                    if (map_set(v, lba + done + b, (bm_entry){bm_loc(BM_COMP, v->active, rec_off, b), c, gen}) < 0)
+                        return -1;
+            } else {
+                for (uint32_t b = 0; b < k; b++)
+                    crcs[b] = crc32c(src + (size_t)b * BS, BS);
+                if (append_record(v, type, more, k, lba + done, gen, crcs, k, src, k * BS, &rec_off, &pay) < 0)
+                    return -1;
+                for (uint32_t b = 0; b < k; b++)
+                    if (map_set(v, lba + done + b, (bm_entry){bm_loc(BM_DATA, v->active, pay + (uint64_t)b * BS, 0), crcs[b], gen}) < 0)
+                        return -1;
+            }
+            done += k;
+            continue;
+        }
+        uint32_t k = (uint32_t)(n - done < MAX_REC_BLOCKS ? n - done : MAX_REC_BLOCKS);
+        const uint8_t *src = data + done * BS;
+        for (uint32_t b = 0; b < k; b++)
+            crcs[b] = crc32c(src + (size_t)b * BS, BS);
+        uint64_t pay;
+        if (append_record(v, type, done + k < n ? F_MORE : 0, k, lba + done, gen, crcs, k, src,
+                          k * BS, NULL, &pay) < 0)
+            return -1;
+        for (uint32_t b = 0; b < k; b++)
+            if (map_set(v, lba + done + b,
+                        (bm_entry){bm_loc(BM_DATA, v->active, pay + (uint64_t)b * BS, 0), crcs[b], gen}) < 0)
+                return -1;
+        done += k;
+    }
+    return 0;
+}
+
+static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t offset)
+{
+    if (offset % BS == 0 && count % BS == 0)
+        return write_blocks(v, buf, offset / BS, count / BS, R_WRITE, v->gen);
+    /* Unaligned: read-modify-write the partial first and last blocks. */
+    uint64_t first = offset / BS, last = (offset + count - 1) / BS;
+    uint64_t n = last - first + 1;
+    if (scratch(v, n * BS) < 0)
+        return -1;
+    if (read_blocks(v, first, 1, v->scratch) < 0)
+        return -1;
+    if (n > 1 && read_blocks(v, last, 1, v->scratch + (n - 1) * BS) < 0)
+        return -1;
+    memcpy(v->scratch + offset % BS, buf, count);
+    return write_blocks(v, v->scratch, first, n, R_WRITE, v->gen);
+}
+
+int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
+{
+    if (count == 0)
+        return 0;
+    pthread_mutex_lock(&v->lock);
+    int r = check_range(v, count, offset);
+    if (r == 0)
+        r = write_locked(v, buf, count, offset);
+    if (r == 0 && fua)
+        r = flush_locked(v);
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+static int zero_locked(vol *v, uint64_t count, uint64_t offset, int trim)
+{
+    uint64_t end = offset + count;
+    uint64_t a = (offset + BS - 1) / BS * BS, b = end / BS * BS;
+    static const uint8_t zeros[2 * BS];
+    if (a >= b) { /* inside one or two partial blocks (count < 2 blocks) */
+        if (trim)
+            return 0; /* trim is advisory: partial blocks keep their data */
+        return write_locked(v, zeros, count, offset);
+    }
+    if (!trim) {
+        if (offset < a && write_locked(v, zeros, a - offset, offset) < 0)
+            return -1;
+        if (b < end && write_locked(v, zeros, end - b, b) < 0)
+            return -1;
+    }
+    uint64_t lba = a / BS, n = (b - a) / BS;
+    while (n) {
+        uint32_t k = (uint32_t)(n < MAX_TOMB_BLOCKS ? n : MAX_TOMB_BLOCKS);
+        if (append_record(v, trim ? R_TRIM : R_ZERO, n > k ? F_MORE : 0, k, lba, v->gen, NULL, 0,
+                          NULL, 0, NULL, NULL) < 0)
+            return -1;
+        if (map_tombstone(v, lba, k, trim ? BM_TRIM : BM_ZERO, v->gen) < 0)
+            return -1;
+        lba += k;
+        n -= k;
+    }
+    return 0;
+}
+
+int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
+{
+    if (count == 0)
+        return 0;
+    pthread_mutex_lock(&v->lock);
+    int r = check_range(v, count, offset);
+    if (r == 0)
+        r = zero_locked(v, count, offset, trim);
+    if (r == 0 && fua)
+        r = flush_locked(v);
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+int vol_flush(vol *v)
+{
+    pthread_mutex_lock(&v->lock);
+    int r = flush_locked(v);
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max)
+{
+    if (count == 0 || max <= 0)
+        return 0;
+    pthread_mutex_lock(&v->lock);
+    if (check_range(v, count, offset) < 0) {
+        pthread_mutex_unlock(&v->lock);
+        return -1;
+    }
+    uint64_t lba = offset / BS, end = (offset + count + BS - 1) / BS;
+    int n = 0;
+    uint64_t run_start = lba;
+    int run_type = -1;
+    while (lba < end) {
+        uint64_t li = lba >> BM_LEAF_SHIFT;
+        const bm_leaf *l = blockmap_leaf(v->head, li);
+        uint64_t leaf_end = (li + 1) << BM_LEAF_SHIFT;
+        if (!l) {
+            uint64_t nl = blockmap_next_leaf(v->head, li);
+            uint64_t skip_to = nl == UINT64_MAX ? end : nl << BM_LEAF_SHIFT;
+            if (skip_to > end)
+                skip_to = end;
+            if (run_type != VOL_EXTENT_HOLE) {
+                if (run_type >= 0) {
+                    out[3 * n] = run_start * BS;
+                    out[3 * n + 1] = (lba - run_start) * BS;
+                    out[3 * n + 2] = (uint64_t)run_type;
+                    if (++n >= max)
+                        goto done;
+                }
+                run_start = lba;
+                run_type = VOL_EXTENT_HOLE;
+            }
+            lba = skip_to > lba ? skip_to : lba + 1;
+            continue;
+        }
+        if (leaf_end > end)
+            leaf_end = end;
+        for (; lba < leaf_end; lba++) {
+            unsigned k = bm_kind(l->e[lba & (BM_LEAF_ENTRIES - 1)].loc);
+            int t = (k == BM_DATA || k == BM_COMP) ? VOL_EXTENT_DATA : VOL_EXTENT_HOLE;
+            if (t != run_type) {
+                if (run_type >= 0) {
+                    out[3 * n] = run_start * BS;
+                    out[3 * n + 1] = (lba - run_start) * BS;
+                    out[3 * n + 2] = (uint64_t)run_type;
+                    if (++n >= max)
+                        goto done;
+                }
+                run_start = lba;
+                run_type = t;
+            }
+        }
+    }
+    out[3 * n] = run_start * BS;
+    out[3 * n + 1] = (end - run_start) * BS;
+    out[3 * n + 2] = (uint64_t)run_type;
+    n++;
+done:
+    pthread_mutex_unlock(&v->lock);
+    return n;
+}
+
+/* ---------- checkpoints ---------- */
+
+typedef struct wctx {
+    FILE *f;
+    uint32_t crc;
+    int err;
+} wctx;
+
+static void wout(wctx *w, const void *p, size_t n)
+{
+    if (w->err)
+        return;
+    w->crc = crc32c_extend(w->crc, p, n);
+    if (fwrite(p, 1, n, w->f) != n)
+        w->err = errno ? errno : EIO;
+}
+
+static void drop_dead_segments(vol *v, uint64_t below)
+{
+    for (uint64_t i = 0; i < below && i < v->nsegs_cap; i++) {
+        seg_info *s = &v->segs[i];
+        if (s->fd >= 0 && i != v->active && s->live_blocks == 0) {
+            char name[32];
+            seg_name(name, i);
+            close(s->fd);
+            unlinkat(v->segdirfd, name, 0);
+            *s = (seg_info){.fd = -1};
+            v->dir_dirty = 1;
+        }
+    }
+}
+
+int vol_checkpoint(vol *v)
+{
+    pthread_mutex_lock(&v->lock);
+    if (sync_all(v) < 0) {
+        pthread_mutex_unlock(&v->lock);
+        return -1;
+    }
+    blockmap *clone = blockmap_clone(v->head);
+    uint64_t nsegs = 0;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+        nsegs += v->segs[i].fd >= 0;
+    uint64_t *segtab = malloc((nsegs ? nsegs : 1) * 16);
+    if (!clone || !segtab) {
+        blockmap_free(clone);
+        free(segtab);
+        pthread_mutex_unlock(&v->lock);
+        return fail(ENOMEM, "out of memory for a checkpoint");
+    }
+    uint64_t j = 0;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+        if (v->segs[i].fd >= 0) {
+            segtab[2 * j] = i;
+            segtab[2 * j + 1] = v->segs[i].total_blocks;
+            j++;
+        }
+    uint64_t next_seq = v->next_seq, rseg = v->active, roff = v->active_off;
+    uint32_t gen = v->gen;
+    uint64_t since = v->since_ckpt;
+    pthread_mutex_unlock(&v->lock);
+
+    int fd = openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int err = 0;
+    uint64_t size = 0;
+    if (fd < 0) {
+        err = errno;
+    } else {
+        FILE *f = fdopen(fd, "wb");
+        wctx w = {f, 0, 0};
+        static char fbuf[1 << 20];
+        setvbuf(f, fbuf, _IOFBF, sizeof fbuf);
+        uint8_t h[64] = {0};
+        put32(h, CKPT_MAGIC);
+        put32(h + 4, 1);
+        memcpy(h + 8, v->p.uuid, 16);
+        put64(h + 24, next_seq);
+        put64(h + 32, rseg);
+        put64(h + 40, roff);
+        put32(h + 48, gen);
+        put32(h + 52, 1);
+        put32(h + 56, (uint32_t)nsegs);
+        wout(&w, h, 64);
+        wout(&w, segtab, nsegs * 16);
+        uint8_t mh[16];
+        put32(mh, 0);
+        put32(mh + 4, gen);
+        put64(mh + 8, clone->nleaves);
+        wout(&w, mh, 16);
+        uint64_t written = 0;
+        for (uint64_t li = blockmap_next_leaf(clone, 0); li != UINT64_MAX;
+             li = blockmap_next_leaf(clone, li + 1)) {
+            const bm_leaf *l = blockmap_leaf(clone, li);
+            wout(&w, &li, 8);
+            wout(&w, l->e, sizeof l->e);
+            written++;
+        }
+        if (written != clone->nleaves && !w.err)
+            w.err = EIO; /* accounting bug: refuse to write an inconsistent checkpoint */
+        uint32_t c = w.crc;
+        if (!w.err && fwrite(&c, 1, 4, f) != 4)
+            w.err = errno ? errno : EIO;
+        if (!w.err && fflush(f) != 0)
+            w.err = errno;
+        if (!w.err && fsync(fd) < 0)
+            w.err = errno;
+        size = (uint64_t)ftell(f);
+        if (fclose(f) != 0 && !w.err)
+            w.err = errno;
+        err = w.err;
+        if (!err && renameat(v->dirfd, "checkpoint.tmp", v->dirfd, "checkpoint") < 0)
+            err = errno;
+        if (!err && fsync(v->dirfd) < 0)
+            err = errno;
+    }
+    blockmap_free(clone);
+    free(segtab);
+    if (err) {
+        unlinkat(v->dirfd, "checkpoint.tmp", 0);
+        return fail(err, "writing checkpoint: %s", strerror(err));
+    }
+    pthread_mutex_lock(&v->lock);
+    v->since_ckpt -= since;
+    v->ckpt_size = size;
+    drop_dead_segments(v, rseg);
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
+{
+    int fd = openat(v->dirfd, "checkpoint", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return 1;
+        return fail(errno, "opening checkpoint: %s", strerror(errno));
+    }
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return fail(errno, "stat checkpoint: %s", strerror(errno));
+    }
+    size_t len = (size_t)st.st_size;
+    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (d == MAP_FAILED)
+        return fail(EIO, "checkpoint is empty or unreadable");
+    int r = -1;
+    if (len < 64 + 16 + 4 || get32(d) != CKPT_MAGIC) {
+        fail(EIO, "checkpoint is corrupt (bad magic or too short)");
+        goto out;
+    }
+    if (get32(d + 4) != 1) {
+        fail(EPROTO, "checkpoint has unsupported version %u", get32(d + 4));
+        goto out;
+    }
+    if (memcmp(d + 8, v->p.uuid, 16) != 0) {
+        fail(EIO, "checkpoint belongs to another volume (uuid mismatch)");
+        goto out;
+    }
+    if (crc32c(d, len - 4) != get32(d + len - 4)) {
+        fail(EIO, "checkpoint is corrupt (checksum mismatch)");
+        goto out;
+    }
+    v->next_seq = get64(d + 24);
+    *rseg = get64(d + 32);
+    *roff = get64(d + 40);
+    v->gen = get32(d + 48);
+    uint32_t nsegs = get32(d + 56);
+    size_t pos = 64;
+    if (pos + (size_t)nsegs * 16 + 16 > len - 4) {
+        fail(EIO, "checkpoint is corrupt (segment table overruns)");
+        goto out;
+    }
+    for (uint32_t i = 0; i < nsegs; i++, pos += 16) {
+        uint64_t id = get64(d + pos);
+        if (id >= (1ull << 28) || seg_reserve(v, id) < 0) {
+            fail(EIO, "checkpoint is corrupt (segment id)");
+            goto out;
+        }
+        v->segs[id].total_blocks = get64(d + pos + 8);
+    }
+    uint64_t nleaves = get64(d + pos + 8);
+    pos += 16;
+    size_t leaf_rec = 8 + sizeof(((bm_leaf *)0)->e);
+    if (nleaves > (len - 4 - pos) / leaf_rec || pos + nleaves * leaf_rec != len - 4) {
+        fail(EIO, "checkpoint is corrupt (map size)");
+        goto out;
+    }
+    uint64_t maxleaf = (v->nblocks + BM_LEAF_ENTRIES - 1) >> BM_LEAF_SHIFT;
+    for (uint64_t i = 0; i < nleaves; i++, pos += leaf_rec) {
+        uint64_t li = get64(d + pos);
+        if (li >= maxleaf) {
+            fail(EIO, "checkpoint is corrupt (leaf beyond the volume)");
+            goto out;
+        }
+        bm_entry tmp[BM_LEAF_ENTRIES];
+        memcpy(tmp, d + pos + 8, sizeof tmp);
+        if (blockmap_put_leaf(v->head, li, tmp) < 0) {
+            fail(ENOMEM, "out of memory loading checkpoint");
+            goto out;
+        }
+    }
+    v->ckpt_size = len;
+    r = 0;
+out:
+    munmap(d, len);
+    return r;
+}
+
+/* ---------- recovery ---------- */
+
+typedef struct segmap {
+    uint64_t id;
+    uint8_t *d;
+    size_t len;
+} segmap;
+
+typedef struct rec {
+    int type, flags;
+    uint32_t nblocks, plen, gen, ncrc;
+    uint64_t seq, lba;
+    size_t len;
+    const uint8_t *crcs, *payload;
+} rec;
+
+/* Parse the record header at d[pos]; 1 if its header is valid and it lies inside len. */
+static int parse_rec(vol *v, const uint8_t *d, size_t len, size_t pos, rec *r)
+{
+    if (pos + REC_HDR > len || get32(d + pos) != REC_MAGIC)
+        return 0;
+    const uint8_t *h = d + pos;
+    r->type = h[8];
+    r->flags = h[9];
+    r->nblocks = get32(h + 12);
+    r->plen = get32(h + 16);
+    r->gen = get32(h + 20);
+    r->seq = get64(h + 24);
+    r->lba = get64(h + 32);
+    if (get64(h + 40) != v->uuid8 || r->type < R_WRITE || r->type > R_FLUSH)
+        return 0;
+    if (r->type == R_WRITE || r->type == R_RELOC) {
+        if (r->flags & F_COMP) {
+            if (r->nblocks == 0 || r->nblocks > MAX_COMP_BLOCKS || r->plen > MAX_COMP_BLOCKS * BS)
+                return 0;
+            r->ncrc = 1;
+        } else {
+            if (r->nblocks == 0 || r->nblocks > MAX_REC_BLOCKS || r->plen != r->nblocks * BS)
+                return 0;
+            r->ncrc = r->nblocks;
+        }
+    } else {
+        if (r->plen != 0 || (r->type != R_FLUSH && r->nblocks == 0) || r->nblocks > MAX_TOMB_BLOCKS)
+            return 0;
+        r->ncrc = 0;
+    }
+    if (r->type != R_FLUSH && (r->lba > v->nblocks || r->nblocks > v->nblocks - r->lba))
+        return 0;
+    r->len = REC_HDR + 4ull * r->ncrc + r->plen;
+    if (pos + r->len > len)
+        return 0;
+    uint32_t hc = crc32c(h + 8, REC_HDR - 8);
+    if (r->ncrc)
+        hc = crc32c_extend(hc, h + REC_HDR, 4ull * r->ncrc);
+    if (hc != get32(h + 4))
+        return 0;
+    r->crcs = h + REC_HDR;
+    r->payload = h + REC_HDR + 4ull * r->ncrc;
+    return 1;
+}
+
+static int rec_data_ok(const rec *r)
+{
+    if (r->type != R_WRITE && r->type != R_RELOC)
+        return 1;
+    if (r->flags & F_COMP)
+        return crc32c(r->payload, r->plen) == get32(r->crcs);
+    for (uint32_t b = 0; b < r->nblocks; b++)
+        if (crc32c(r->payload + (size_t)b * BS, BS) != get32(r->crcs + 4 * b))
+            return 0;
+    return 1;
+}
+
+static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
+{
+    if (r->type == R_WRITE || r->type == R_RELOC) {
+        v->segs[seg].total_blocks += r->nblocks;
+        for (uint32_t b = 0; b < r->nblocks; b++) {
+            bm_entry e;
+            if (r->flags & F_COMP)
+                e = (bm_entry){bm_loc(BM_COMP, seg, pos, b), get32(r->crcs), r->gen};
+            else
+                e = (bm_entry){bm_loc(BM_DATA, seg, pos + REC_HDR + 4ull * r->ncrc + (uint64_t)b * BS, 0),
+                               get32(r->crcs + 4 * b), r->gen};
+            if (blockmap_set(v->head, r->lba + b, e, NULL) < 0)
+                return fail(ENOMEM, "out of memory during recovery");
+        }
+    } else if (r->type == R_ZERO || r->type == R_TRIM) {
+        if (map_tombstone(v, r->lba, r->nblocks, r->type == R_ZERO ? BM_ZERO : BM_TRIM, r->gen) < 0)
+            return -1;
+    }
+    if (r->gen > v->gen)
+        v->gen = r->gen;
+    return 0;
+}
+
+/* From (si, pos), find the next valid record header (resynchronising byte by byte) with
+ * seq > after_seq; report whether any FLUSH marker follows the damaged point. */
+static int find_marker_after(vol *v, segmap *sm, size_t nsm, size_t si, size_t pos, uint64_t after_seq,
+                             size_t *found_si, size_t *found_pos)
+{
+    int found = 0, marker = 0;
+    for (size_t s = si; s < nsm; s++) {
+        size_t p = s == si ? pos : SEG_HDR;
+        while (p + REC_HDR <= sm[s].len) {
+            rec r;
+            if (get32(sm[s].d + p) == REC_MAGIC && parse_rec(v, sm[s].d, sm[s].len, p, &r) &&
+                r.seq > after_seq) {
+                if (!found) {
+                    found = 1;
+                    *found_si = s;
+                    *found_pos = p;
+                }
+                if (r.type == R_FLUSH)
+                    marker = 1;
+                p += r.len;
+            } else {
+                p++;
+            }
+        }
+    }
+    if (!found)
+        *found_si = nsm;
+    return marker;
+}
+
+static int open_segment_file(vol *v, uint64_t id, segmap *out)
+{
+    char name[32];
+    seg_name(name, id);
+    int fd = openat(v->segdirfd, name, O_RDWR | O_CLOEXEC);
+    if (fd < 0)
+        return fail(errno, "opening segment %s: %s", name, strerror(errno));
+    if (seg_reserve(v, id) < 0) {
+        close(fd);
+        return -1;
+    }
+    struct stat st;
+    fstat(fd, &st);
+    v->segs[id].fd = fd;
+    v->segs[id].file_size = (uint64_t)st.st_size;
+    out->id = id;
+    out->len = (size_t)st.st_size;
+    out->d = NULL;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
+{
+    rep->torn_bytes_dropped += sm->len - pos;
+    if (pos <= SEG_HDR) {
+        /* nothing valid in it: delete the file */
+        char name[32];
+        seg_name(name, sm->id);
+        close(v->segs[sm->id].fd);
+        v->segs[sm->id] = (seg_info){.fd = -1};
+        unlinkat(v->segdirfd, name, 0);
+        rep->segments_deleted++;
+    } else {
+        if (ftruncate(v->segs[sm->id].fd, (off_t)pos) < 0)
+            return fail(errno, "truncating torn segment: %s", strerror(errno));
+        v->segs[sm->id].file_size = pos;
+    }
+    sm->len = pos;
+    v->dir_dirty = 1;
+    return 0;
+}
+
+static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t roff, vol_report *rep)
+{
+    segmap *sm = calloc(nids ? nids : 1, sizeof *sm);
+    if (!sm)
+        return fail(ENOMEM, "out of memory");
+    size_t nsm = 0;
+    int r = 0;
+    for (size_t i = 0; i < nids; i++) {
+        if (open_segment_file(v, ids[i], &sm[nsm]) < 0) {
+            r = -1;
+            goto out;
+        }
+        if (ids[i] >= rseg)
+            nsm++;
+    }
+    for (size_t i = 0; i < nsm; i++) {
+        if (sm[i].len) {
+            sm[i].d = mmap(NULL, sm[i].len, PROT_READ, MAP_PRIVATE, v->segs[sm[i].id].fd, 0);
+            if (sm[i].d == MAP_FAILED) {
+                sm[i].d = NULL;
+                r = fail(errno, "mapping segment: %s", strerror(errno));
+                goto out;
+            }
+        }
+    }
+    /* pending records of a multi-record request: applied once its last record arrives */
+    struct { size_t si, pos; rec r; } *pend = NULL;
+    size_t npend = 0, pend_cap = 0;
+    size_t resume_si = 0, start_pos = (nsm && sm[0].id == rseg) ? roff : SEG_HDR;
+    for (size_t si = 0; si < nsm; si++) {
+        segmap *s = &sm[si];
+        uint8_t *h = s->d;
+        if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4) ||
+            get32(h + 12) != (uint32_t)s->id || memcmp(h + 16, v->p.uuid, 16) != 0) {
+            /* a segment created but whose header never reached the disk, or a foreign file */
+            size_t fsi, fpos;
+            if (!find_marker_after(v, sm, nsm, si, SEG_HDR, v->next_seq - 1, &fsi, &fpos) && fsi == nsm) {
+                for (size_t k = si; k < nsm; k++)
+                    if (truncate_seg(v, &sm[k], SEG_HDR, rep) < 0) { r = -1; goto out_pend; }
+                break;
+            }
+            r = fail(EIO, "segment %016llx.seg has a bad header (foreign or damaged file)",
+                     (unsigned long long)s->id);
+            goto out_pend;
+        }
+        size_t pos = s->id == rseg || si == resume_si ? start_pos : SEG_HDR;
+        if (pos < SEG_HDR)
+            pos = SEG_HDR;
+        while (pos < s->len) {
+            rec rc;
+            int hdr_ok = parse_rec(v, s->d, s->len, pos, &rc) && rc.seq == v->next_seq;
+            int data_ok = hdr_ok && rec_data_ok(&rc);
+            if (!data_ok) {
+                size_t fsi, fpos;
+                size_t from = hdr_ok ? pos + rc.len : pos + 1;
+                int marker = find_marker_after(v, sm, nsm, si, from, hdr_ok ? rc.seq : v->next_seq - 1, &fsi, &fpos);
+                if (!marker) {
+                    /* torn tail: drop this record, any pending request, and everything after */
+                    size_t cut_si = si, cut_pos = pos;
+                    if (npend) {
+                        cut_si = pend[0].si;
+                        cut_pos = pend[0].pos;
+                        npend = 0;
+                    }
+                    for (size_t k = cut_si; k < nsm; k++)
+                        if (truncate_seg(v, &sm[k], k == cut_si ? cut_pos : SEG_HDR, rep) < 0) {
+                            r = -1;
+                            goto out_pend;
+                        }
+                    goto done;
+                }
+                if (!hdr_ok) {
+                    /* damage inside the durable log: skip to the next valid record */
+                    uint64_t skipped = 0;
+                    if (fsi == si) {
+                        skipped = fpos - pos;
+                    } else {
+                        skipped = s->len - pos;
+                        for (size_t k = si + 1; k < fsi; k++)
+                            skipped += sm[k].len;
+                        skipped += fpos - SEG_HDR;
+                    }
+                    rep->skipped_bytes += skipped;
+                    rec nr;
+                    parse_rec(v, sm[fsi].d, sm[fsi].len, fpos, &nr);
+                    v->next_seq = nr.seq;
+                    npend = 0;
+                    if (fsi != si) {
+                        resume_si = fsi; /* continue in a later segment at fpos */
+                        start_pos = fpos;
+                        si = fsi - 1;
+                        goto next_seg;
+                    }
+                    pos = fpos;
+                    continue;
+                }
+                rep->corrupt_records++; /* header fine, data not: reads of it give EIO */
+            }
+            v->next_seq++;
+            rep->records_replayed++;
+            rep->bytes_replayed += rc.len;
+            if (rc.type == R_FLUSH) {
+                pos += rc.len;
+                continue;
+            }
+            if (npend && (pend[npend - 1].r.type != rc.type ||
+                          pend[npend - 1].r.lba + pend[npend - 1].r.nblocks != rc.lba))
+                npend = 0; /* an interrupted request that failed: its records are dropped */
+            if (rc.flags & F_MORE) {
+                if (npend == pend_cap) {
+                    pend_cap = pend_cap ? pend_cap * 2 : 16;
+                    void *n = realloc(pend, pend_cap * sizeof *pend);
+                    if (!n) { r = fail(ENOMEM, "out of memory"); goto out_pend; }
+                    pend = n;
+                }
+                pend[npend].si = si;
+                pend[npend].pos = pos;
+                pend[npend].r = rc;
+                npend++;
+            } else {
+                for (size_t k = 0; k < npend; k++)
+                    if (apply_rec(v, sm[pend[k].si].id, pend[k].pos, &pend[k].r) < 0) { r = -1; goto out_pend; }
+                npend = 0;
+                if (apply_rec(v, s->id, pos, &rc) < 0) { r = -1; goto out_pend; }
+            }
+            pos += rc.len;
+        }
+        continue;
+    next_seg:;
+    }
+    if (npend) { /* the log ends inside a request: it was never acknowledged */
+        size_t cut_si = pend[0].si, cut_pos = pend[0].pos;
+        for (size_t k = cut_si; k < nsm; k++)
+            if (truncate_seg(v, &sm[k], k == cut_si ? cut_pos : SEG_HDR, rep) < 0) { r = -1; goto out_pend; }
+    }
+done:
+out_pend:
+    free(pend);
+out:
+    for (size_t i = 0; i < nsm; i++)
+        if (sm[i].d)
+            munmap(sm[i].d, sm[i].len ? sm[i].len : 1);
+    free(sm);
+    return r;
+}
+
+static void recount_live(vol *v)
+{
+    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+        v->segs[i].live_blocks = 0;
+    for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX;
+         li = blockmap_next_leaf(v->head, li + 1)) {
+        const bm_leaf *l = blockmap_leaf(v->head, li);
+        for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
+            unsigned k = bm_kind(l->e[i].loc);
+            if (k == BM_DATA || k == BM_COMP) {
+                uint64_t s = bm_seg(l->e[i].loc);
+                if (s < v->nsegs_cap)
+                    v->segs[s].live_blocks++;
+            }
+        }
+    }
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+static void vol_free(vol *v)
+{
+    if (!v)
+        return;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+        if (v->segs[i].fd >= 0)
+            close(v->segs[i].fd);
+    free(v->segs);
+    blockmap_free(v->head);
+    if (v->dirfd >= 0)
+        close(v->dirfd);
+    if (v->segdirfd >= 0)
+        close(v->segdirfd);
+    ZSTD_freeCCtx(v->cctx);
+    ZSTD_freeDCtx(v->dctx);
+    free(v->zbuf);
+    free(v->dcache);
+    free(v->wbuf);
+    free(v->scratch);
+    pthread_mutex_destroy(&v->lock);
+    free(v);
+}
+
+vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
+{
+    raise_nofile();
+    memset(rep, 0, sizeof *rep);
+    if (p->size == 0 || p->size % BS || p->size > (16ull << 40)) {
+        fail(EINVAL, "volume size must be a positive multiple of 4096 up to 16 TiB");
+        return NULL;
+    }
+    if (p->segment_size < (1u << 20) || p->segment_size > (256u << 20)) {
+        fail(EINVAL, "segment size must be between 1 MiB and 256 MiB");
+        return NULL;
+    }
+    vol *v = calloc(1, sizeof *v);
+    if (!v) {
+        fail(ENOMEM, "out of memory");
+        return NULL;
+    }
+    pthread_mutex_init(&v->lock, NULL);
+    v->dirfd = v->segdirfd = -1;
+    v->p = *p;
+    if (!v->p.zstd_level)
+        v->p.zstd_level = 3;
+    v->nblocks = p->size / BS;
+    memcpy(&v->uuid8, p->uuid, 8);
+    v->gen = 1;
+    v->next_seq = 1;
+    v->wbuf_cap = p->wbuf_size ? p->wbuf_size : (1u << 20);
+    v->head = blockmap_new(v->nblocks);
+    v->wbuf = malloc(v->wbuf_cap);
+    v->zbuf = malloc(ZSTD_compressBound(MAX_COMP_BLOCKS * BS));
+    v->dcache = malloc(MAX_COMP_BLOCKS * BS);
+    v->cctx = ZSTD_createCCtx();
+    v->dctx = ZSTD_createDCtx();
+    if (!v->head || !v->wbuf || !v->zbuf || !v->dcache || !v->cctx || !v->dctx) {
+        fail(ENOMEM, "out of memory");
+        goto err;
+    }
+    v->dirfd = open(voldir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (v->dirfd < 0) {
+        fail(errno, "opening volume directory %s: %s", voldir, strerror(errno));
+        goto err;
+    }
+    if (mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
+        fail(errno, "creating segments directory: %s", strerror(errno));
+        goto err;
+    }
+    v->segdirfd = openat(v->dirfd, "segments", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (v->segdirfd < 0) {
+        fail(errno, "opening segments directory: %s", strerror(errno));
+        goto err;
+    }
+    /* list segments */
+    uint64_t *ids = NULL;
+    size_t nids = 0, cap = 0;
+    int dfd = dup(v->segdirfd);
+    DIR *dir = dfd >= 0 ? fdopendir(dfd) : NULL;
+    if (!dir) {
+        fail(errno, "listing segments: %s", strerror(errno));
+        goto err;
+    }
+    struct dirent *de;
+    while ((de = readdir(dir))) {
+        unsigned long long id;
+        char tail[8];
+        if (strlen(de->d_name) == 20 && sscanf(de->d_name, "%16llx%7s", &id, tail) == 2 &&
+            strcmp(tail, ".seg") == 0) {
+            if (nids == cap) {
+                cap = cap ? cap * 2 : 64;
+                uint64_t *n = realloc(ids, cap * sizeof *ids);
+                if (!n) {
+                    closedir(dir);
+                    free(ids);
+                    fail(ENOMEM, "out of memory");
+                    goto err;
+                }
+                ids = n;
+            }
+            ids[nids++] = id;
+        } else if (strcmp(de->d_name, "checkpoint.tmp") == 0) {
+            /* unreachable: it lives in voldir */
+        }
+    }
+    closedir(dir);
+    unlinkat(v->dirfd, "checkpoint.tmp", 0); /* an interrupted checkpoint: never committed */
+    qsort(ids, nids, sizeof *ids, cmp_u64);
+    uint64_t rseg = 0, roff = SEG_HDR;
+    int lc = load_checkpoint(v, &rseg, &roff);
+    if (lc < 0) {
+        free(ids);
+        goto err;
+    }
+    rep->checkpoint_seq = lc == 0 ? v->next_seq : 0;
+    if (lc == 1 && nids) { /* no checkpoint: replay everything */
+        rseg = ids[0];
+        roff = SEG_HDR;
+    }
+    if (replay(v, ids, nids, rseg, roff, rep) < 0) {
+        free(ids);
+        goto err;
+    }
+    uint64_t maxid = nids ? ids[nids - 1] : 0;
+    free(ids);
+    recount_live(v);
+    /* segments older than the replay start that nothing references: left by the collector */
+    for (uint64_t i = 0; i < v->nsegs_cap && i < rseg; i++)
+        if (v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
+            char name[32];
+            seg_name(name, i);
+            close(v->segs[i].fd);
+            v->segs[i] = (seg_info){.fd = -1};
+            unlinkat(v->segdirfd, name, 0);
+            rep->segments_deleted++;
+        }
+    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+        v->since_ckpt += (i >= rseg && v->segs[i].fd >= 0) ? v->segs[i].file_size - (i == rseg && v->segs[i].file_size >= roff ? roff - SEG_HDR : 0) : 0;
+    if (create_segment(v, maxid + 1) < 0)
+        goto err;
+    if (sync_all(v) < 0)
+        goto err;
+    return v;
+err:;
+    int e = errno;
+    vol_free(v);
+    errno = e;
+    return NULL;
+}
+
+int vol_close(vol *v)
+{
+    int r = vol_checkpoint(v);
+    if (r == 0) {
+        pthread_mutex_lock(&v->lock);
+        r = flush_locked(v);
+        if (r == 0)
+            r = sync_all(v);
+        pthread_mutex_unlock(&v->lock);
+    }
+    int e = errno;
+    vol_free(v);
+    errno = e;
+    return r;
+}
+
+/* ---------- collector ---------- */
+
+int64_t vol_gc_pick(vol *v, double ratio)
+{
+    pthread_mutex_lock(&v->lock);
+    uint64_t used = 0, live = 0;
+    int64_t best = 0;
+    double best_ratio = 2.0;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+        seg_info *s = &v->segs[i];
+        if (s->fd < 0)
+            continue;
+        uint64_t fsz = i == v->active ? v->active_off : s->file_size;
+        used += fsz;
+        /* live bytes estimated from the segment's own bytes per block (compression-aware) */
+        uint64_t lb = s->total_blocks ? (uint64_t)((double)fsz * s->live_blocks / s->total_blocks) : 0;
+        live += lb;
+        if (i == v->active || s->total_blocks == 0)
+            continue;
+        double r = (double)s->live_blocks / (double)s->total_blocks;
+        if (r < best_ratio) {
+            best_ratio = r;
+            best = (int64_t)i;
+        }
+    }
+    uint64_t active_sz = v->active < v->nsegs_cap ? v->active_off : 0;
+    if (best && best_ratio < 1.0 && (double)used > ratio * (double)live + (double)active_sz)
+        ; /* worth it */
+    else if (best && best_ratio == 0.0)
+        ; /* wholly dead segments are always worth dropping */
+    else
+        best = 0;
+    pthread_mutex_unlock(&v->lock);
+    return best;
+}
+
+int vol_gc_segment(vol *v, uint64_t seg)
+{
+    pthread_mutex_lock(&v->lock);
+    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || seg == v->active) {
+        pthread_mutex_unlock(&v->lock);
+        return fail(EINVAL, "segment %llu is not a sealed segment", (unsigned long long)seg);
+    }
+    int fd = dup(v->segs[seg].fd);
+    size_t len = (size_t)v->segs[seg].file_size;
+    pthread_mutex_unlock(&v->lock);
+    if (fd < 0)
+        return fail(errno, "dup: %s", strerror(errno));
+    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
+    close(fd);
+    if (d == MAP_FAILED)
+        return fail(EIO, "mapping segment %llu for collection", (unsigned long long)seg);
+    int r = 0;
+    size_t pos = SEG_HDR;
+    uint32_t crcs[MAX_REC_BLOCKS];
+    while (pos < len) {
+        rec rc;
+        if (!parse_rec(v, d, len, pos, &rc))
+            break; /* the remainder holds nothing the map can reference */
+        if (rc.type != R_WRITE && rc.type != R_RELOC) {
+            pos += rc.len;
+            continue;
+        }
+        pthread_mutex_lock(&v->lock);
+        if (rc.flags & F_COMP) {
+            uint64_t want = bm_loc(BM_COMP, seg, pos, 0) & ~(0xffULL << 56);
+            int live = 0;
+            for (uint32_t b = 0; b < rc.nblocks && !live; b++) {
+                bm_entry e = blockmap_get(v->head, rc.lba + b);
+                live = bm_kind(e.loc) == BM_COMP && (e.loc & ~(0xffULL << 56)) == want;
+            }
+            if (live) {
+                uint64_t nro, pay;
+                uint32_t c = get32(rc.crcs);
+                if (append_record(v, R_RELOC, F_COMP, rc.nblocks, rc.lba, rc.gen, &c, 1, rc.payload,
+                                  rc.plen, &nro, &pay) < 0) {
+                    r = -1;
+                    pthread_mutex_unlock(&v->lock);
+                    break;
+                }
+                for (uint32_t b = 0; b < rc.nblocks; b++)
+                    if (blockmap_relocate(v->head, rc.lba + b, bm_loc(BM_COMP, seg, pos, b),
+                                          bm_loc(BM_COMP, v->active, nro, b))) {
+                        v->segs[seg].live_blocks--;
+                        v->segs[v->active].live_blocks++;
+                    }
+                v->gc_bytes_moved += rc.plen;
+            }
+        } else {
+            uint64_t base = pos + REC_HDR + 4ull * rc.ncrc;
+            uint32_t b = 0;
+            while (b < rc.nblocks) {
+                bm_entry e = blockmap_get(v->head, rc.lba + b);
+                if (e.loc != bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0)) {
+                    b++;
+                    continue;
+                }
+                uint32_t s = b;
+                while (b < rc.nblocks &&
+                       blockmap_get(v->head, rc.lba + b).loc == bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0))
+                    b++;
+                uint32_t k = b - s;
+                memcpy(crcs, rc.crcs + 4 * s, 4ull * k);
+                uint64_t pay;
+                if (append_record(v, R_RELOC, 0, k, rc.lba + s, rc.gen, crcs, k,
+                                  rc.payload + (size_t)s * BS, k * BS, NULL, &pay) < 0) {
+                    r = -1;
+                    break;
+                }
+                for (uint32_t j = 0; j < k; j++)
+                    if (blockmap_relocate(v->head, rc.lba + s + j, bm_loc(BM_DATA, seg, base + (uint64_t)(s + j) * BS, 0),
+                                          bm_loc(BM_DATA, v->active, pay + (uint64_t)j * BS, 0))) {
+                        v->segs[seg].live_blocks--;
+                        v->segs[v->active].live_blocks++;
+                    }
+                v->gc_bytes_moved += (uint64_t)k * BS;
+            }
+        }
+        pthread_mutex_unlock(&v->lock);
+        if (r < 0)
+            break;
+        pos += rc.len;
+    }
+    munmap(d, len);
+    if (r < 0)
+        return -1;
+    /* The checkpoint makes the relocated copies the ones recovery knows; only then delete. */
+    if (vol_checkpoint(v) < 0)
+        return -1;
+    pthread_mutex_lock(&v->lock);
+    if (v->segs[seg].fd >= 0 && v->segs[seg].live_blocks == 0) {
+        char name[32];
+        seg_name(name, seg);
+        close(v->segs[seg].fd);
+        v->segs[seg] = (seg_info){.fd = -1};
+        unlinkat(v->segdirfd, name, 0);
+        v->dir_dirty = 1;
+    }
+    v->gc_segments++;
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+int vol_get_stats(vol *v, vol_stats *s)
+{
+    memset(s, 0, sizeof *s);
+    pthread_mutex_lock(&v->lock);
+    s->size = v->p.size;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+        seg_info *g = &v->segs[i];
+        if (g->fd < 0)
+            continue;
+        s->segments++;
+        uint64_t fsz = i == v->active ? v->active_off : g->file_size;
+        s->used_bytes += fsz;
+        s->live_blocks += g->live_blocks;
+        if (g->total_blocks)
+            s->stored_data_bytes += (uint64_t)((double)fsz * g->live_blocks / g->total_blocks);
+    }
+    s->used_bytes += v->ckpt_size;
+    s->gen = v->gen;
+    s->next_seq = v->next_seq;
+    s->log_since_checkpoint = v->since_ckpt;
+    s->corrupt_reads = v->corrupt_reads;
+    s->map_bytes = v->head->nleaves * sizeof(bm_leaf) + v->head->nmids * sizeof(void *);
+    s->active_segment = v->active;
+    s->gc_segments = v->gc_segments;
+    s->gc_bytes_moved = v->gc_bytes_moved;
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}

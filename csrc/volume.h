@@ -1,0 +1,80 @@
+/* The lsfs volume: a log of checksummed records in segment files plus a block map.
+ * On-disk format: docs/FORMAT.md. Python wrapper: engine/lsfs.py.
+ *
+ * Notes on the design:
+ *  - One mutex per volume. Every public function takes it for its whole duration except
+ *    vol_checkpoint (serialises a frozen clone of the map outside it) and vol_gc_segment
+ *    (takes it per record moved). cffi releases the GIL around each call, so background
+ *    work (collector, checkpoints) runs beside requests.
+ *  - Writes are appended to an in-memory buffer of the active segment (1 MiB) and reach the file
+ *    when it fills, on flush/FUA, on rotation and on checkpoint. Reads of buffered blocks copy
+ *    from the buffer. A flush writes the buffer, fdatasyncs every segment with unsynced bytes and
+ *    the directory if a segment was created, and then appends a FLUSH marker (FORMAT.md §3), so a
+ *    marker on disk proves everything before it had been synced.
+ *  - If the buffer cannot be written (ENOSPC, EIO) it is kept: acknowledged data stays readable
+ *    from memory, new writes fail with the same errno until a later attempt succeeds.
+ *  - Every function returns 0 (or a count) on success, -1 with errno set on failure; a message
+ *    for the last failure of the calling thread is in vol_errmsg().
+ * Not done yet: snapshots' maps (the map is cloneable, the checkpoint format has nmaps). */
+#ifndef BLOCKREP_VOLUME_H
+#define BLOCKREP_VOLUME_H
+#include <stdint.h>
+
+typedef struct vol vol;
+
+typedef struct vol_params {
+    uint64_t size;          /* bytes, multiple of 4096 */
+    uint8_t uuid[16];
+    int compress;           /* 0 none, 1 zstd */
+    int zstd_level;
+    uint64_t segment_size;  /* bytes */
+    uint64_t wbuf_size;     /* write buffer bytes (0 = default 1 MiB) */
+} vol_params;
+
+typedef struct vol_report {      /* what recovery found, for logs and `blockrep info` */
+    uint64_t records_replayed;
+    uint64_t bytes_replayed;
+    uint64_t torn_bytes_dropped;
+    uint64_t corrupt_records;    /* valid header, data fails its CRC (reads give EIO) */
+    uint64_t skipped_bytes;      /* unparseable bytes inside the durable log */
+    uint64_t segments_deleted;
+    uint64_t checkpoint_seq;
+} vol_report;
+
+typedef struct vol_stats {
+    uint64_t size;
+    uint64_t used_bytes;         /* segment files + checkpoint */
+    uint64_t live_blocks;        /* blocks whose data is in the log (DATA/COMP entries) */
+    uint64_t segments;
+    uint64_t gen;
+    uint64_t next_seq;
+    uint64_t log_since_checkpoint;
+    uint64_t corrupt_reads;      /* reads that failed a CRC since open */
+    uint64_t map_bytes;          /* memory held by the head map's leaves */
+    uint64_t active_segment;
+    uint64_t gc_segments;        /* segments reclaimed since open */
+    uint64_t gc_bytes_moved;
+    uint64_t stored_data_bytes;  /* bytes of payload written into live segments (compressed size) */
+} vol_stats;
+
+#define VOL_EXTENT_DATA 0
+#define VOL_EXTENT_HOLE 3 /* NBD_STATE_HOLE | NBD_STATE_ZERO */
+
+vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
+int vol_close(vol *v);             /* flush, checkpoint, free; v is freed even on error */
+int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
+int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
+int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
+int vol_flush(vol *v);
+/* Fill out[3*i..] with (offset, length, type) runs covering [offset, offset+count) at block
+ * granularity, at most max runs; returns the number of runs. */
+int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
+int vol_checkpoint(vol *v);
+/* The sealed segment most worth collecting, or 0 when disk use is within ratio x live data. */
+int64_t vol_gc_pick(vol *v, double ratio);
+/* Move the live blocks of segment seg to the head of the log, checkpoint, delete it. */
+int vol_gc_segment(vol *v, uint64_t seg);
+int vol_get_stats(vol *v, vol_stats *s);
+const char *vol_errmsg(void);
+
+#endif

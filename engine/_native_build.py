@@ -1,0 +1,66 @@
+"""Build the C hot path (csrc/) into the cffi extension module ``engine._native``.
+
+Run from the repository root: ``python -m engine._native_build`` (scripts/bootstrap.sh does).
+API mode: every call releases the GIL, so background threads run beside requests.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+CDEF = """
+typedef struct vol vol;
+typedef struct vol_params {
+    uint64_t size; uint8_t uuid[16]; int compress; int zstd_level;
+    uint64_t segment_size; uint64_t wbuf_size;
+} vol_params;
+typedef struct vol_report {
+    uint64_t records_replayed; uint64_t bytes_replayed; uint64_t torn_bytes_dropped;
+    uint64_t corrupt_records; uint64_t skipped_bytes; uint64_t segments_deleted;
+    uint64_t checkpoint_seq;
+} vol_report;
+typedef struct vol_stats {
+    uint64_t size; uint64_t used_bytes; uint64_t live_blocks; uint64_t segments; uint64_t gen;
+    uint64_t next_seq; uint64_t log_since_checkpoint; uint64_t corrupt_reads; uint64_t map_bytes;
+    uint64_t active_segment; uint64_t gc_segments; uint64_t gc_bytes_moved;
+    uint64_t stored_data_bytes;
+} vol_stats;
+vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
+int vol_close(vol *v);
+int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
+int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
+int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
+int vol_flush(vol *v);
+int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
+int vol_checkpoint(vol *v);
+int64_t vol_gc_pick(vol *v, double ratio);
+int vol_gc_segment(vol *v, uint64_t seg);
+int vol_get_stats(vol *v, vol_stats *s);
+const char *vol_errmsg(void);
+uint32_t crc32c_extend(uint32_t crc, const void *buf, size_t len);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "engine._native",
+    '#include "volume.h"\n#include "crc32c.h"\n',
+    sources=[str(CSRC / n) for n in ("crc32c.c", "blockmap.c", "volume.c")],
+    include_dirs=[str(CSRC)],
+    libraries=["zstd", "pthread"],
+    extra_compile_args=["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+)
+
+if __name__ == "__main__":
+    import os
+
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=False)
+    # compile() writes the module to tmpdir/engine/; move it next to this file
+    built = list((ROOT / "build" / "cffi" / "engine").glob("_native*.so"))
+    for so in built:
+        so.replace(ROOT / "engine" / so.name)
+    print("built", ", ".join(p.name for p in built))

@@ -1,0 +1,149 @@
+"""The `blockrep` command line (contract: DESIGN.md §4). Every failure is one line on stderr,
+``blockrep: error: …``, and exit status 1 (2 for usage errors, as argparse does)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import server
+from .errors import BlockrepError, InvalidArgument
+from .units import format_size, parse_size
+from .volume import Lock, Volume, create, disk_usage, read_params
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other blockrep error
+        self.exit(2, f"blockrep: error: {message}\n")
+
+
+def _size_arg(what):
+    def conv(text):
+        try:
+            return parse_size(text, what)
+        except InvalidArgument as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return conv
+
+
+def cmd_create(a) -> int:
+    if a.journal:
+        raise InvalidArgument("--journal applies to the image backend, which this release lacks")
+    p = create(a.volume, a.size, backend=a.backend, granularity=a.granularity,
+               compress=a.compress or "none", segment_size=a.segment_size)
+    print(f"created {a.volume}: {format_size(p.size)}, backend {p.backend}, uuid {p.uuid}")
+    return 0
+
+
+def _info(vol: Path) -> dict:
+    params = read_params(vol)
+    pid = server.running_pid(vol)
+    if pid or Lock.held(vol):
+        info = {
+            "path": str(vol), "uuid": params.uuid, "size": params.size,
+            "backend": params.backend, "granularity": params.granularity,
+            "compress": params.compress, "created": params.created,
+            "format_version": params.format_version, "used_bytes": disk_usage(vol),
+        }
+    else:
+        with Volume.open(vol) as v:
+            info = v.info()
+    info["served"] = bool(pid)
+    if pid:
+        info["server_pid"] = pid
+        rt = server.runtime_info(vol)
+        if rt:
+            info["uri"] = rt.get("uri")
+    return info
+
+
+def cmd_info(a) -> int:
+    info = _info(Path(a.volume).resolve())
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("volume", info["path"]), ("uuid", info["uuid"]), ("size", f"{format_size(info['size'])} ({info['size']} bytes)"),
+        ("backend", info["backend"]), ("compress", info["compress"]),
+        ("granularity", format_size(info["granularity"])), ("created", info["created"]),
+        ("used on disk", format_size(info["used_bytes"])),
+    ]
+    if "live_bytes" in info:
+        rows += [("live data", format_size(info["live_bytes"])),
+                 ("segments", str(info["segments"])),
+                 ("log since checkpoint", format_size(info["log_since_checkpoint"])),
+                 ("map memory", format_size(info["map_memory_bytes"]))]
+        rec = info["recovery"]
+        if rec["torn_bytes_dropped"] or rec["corrupt_records"] or rec["skipped_bytes"]:
+            rows.append(("recovery", f"dropped torn tail {rec['torn_bytes_dropped']} bytes, "
+                         f"corrupt records {rec['corrupt_records']}, skipped {rec['skipped_bytes']} bytes"))
+    rows.append(("served", f"yes, pid {info['server_pid']}, {info.get('uri', '')}" if info["served"] else "no"))
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    return 0
+
+
+def cmd_serve(a) -> int:
+    uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
+                       foreground=a.foreground)
+    del uri  # daemon mode prints nothing else (contract); `blockrep info` shows the URI
+    return 0
+
+
+def cmd_stop(a) -> int:
+    if not server.stop(a.volume):
+        print(f"blockrep: {a.volume} was not being served", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="blockrep", description="Block volumes over NBD with snapshots and replication.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("create", help="create a volume")
+    c.add_argument("volume")
+    c.add_argument("--size", required=True, type=_size_arg("size"))
+    c.add_argument("--backend", default="lsfs", choices=["lsfs", "image"])
+    c.add_argument("--journal", help="change-log directory (image backend)")
+    c.add_argument("--granularity", default=4096, type=_size_arg("granularity"))
+    c.add_argument("--compress", choices=["zstd", "none"])
+    c.add_argument("--segment-size", default=32 << 20, type=_size_arg("segment size"),
+                   help="log segment size (default 32M)")
+    c.set_defaults(func=cmd_create)
+
+    i = sub.add_parser("info", help="show a volume")
+    i.add_argument("volume")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="serve a volume over NBD")
+    s.add_argument("volume")
+    s.add_argument("--socket", help="Unix socket path (default VOL/nbd.sock)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP instead of a Unix socket")
+    s.add_argument("--tls-psk", metavar="FILE", help="require TLS with this PSK file")
+    s.add_argument("--foreground", action="store_true", help="do not daemonise")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("stop", help="stop serving a volume")
+    t.add_argument("volume")
+    t.set_defaults(func=cmd_stop)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BlockrepError as e:
+        print(f"blockrep: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("blockrep: error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

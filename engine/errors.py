@@ -1,0 +1,82 @@
+"""The error tree. Each class says what the caller should do; the CLI maps them to one
+``blockrep: error: …`` line and exit code 1, the nbdkit plugin maps them to one errno."""
+
+import errno as _errno
+
+
+class BlockrepError(Exception):
+    """Base of every error blockrep reports to a user. Not worth retrying unless a subclass says so."""
+
+    errno = _errno.EIO
+
+
+class InvalidArgument(BlockrepError):
+    """Bad input from the user (size, name, flag). Fix the command; nothing was changed."""
+
+    errno = _errno.EINVAL
+
+
+class NotFound(BlockrepError):
+    """The volume (or snapshot) does not exist."""
+
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(BlockrepError):
+    """Refusing to overwrite something that exists."""
+
+    errno = _errno.EEXIST
+
+
+class VolumeBusy(BlockrepError):
+    """Another process owns the volume (it is being served). Stop it or go through the server."""
+
+    errno = _errno.EBUSY
+
+
+class UnsupportedFormat(BlockrepError):
+    """The on-disk format version is not one this blockrep reads. Use a matching release."""
+
+    errno = _errno.EPROTO
+
+
+class CorruptionError(BlockrepError):
+    """Stored data failed its checksum or a metadata file is damaged. Do not retry; restore."""
+
+    errno = _errno.EIO
+
+
+class NoSpace(BlockrepError):
+    """The filesystem under the volume is full. Retry after freeing space."""
+
+    errno = _errno.ENOSPC
+
+
+class ReadOnly(BlockrepError):
+    """A write to a read-only export (a snapshot)."""
+
+    errno = _errno.EROFS
+
+
+class ServerError(BlockrepError):
+    """nbdkit could not be started or stopped."""
+
+
+_BY_ERRNO = {
+    _errno.EINVAL: InvalidArgument,
+    _errno.ENOENT: NotFound,
+    _errno.EEXIST: AlreadyExists,
+    _errno.ENOSPC: NoSpace,
+    _errno.EDQUOT: NoSpace,
+    _errno.EROFS: ReadOnly,
+    _errno.EPROTO: UnsupportedFormat,
+    _errno.EIO: CorruptionError,
+}
+
+
+def from_errno(err: int, message: str) -> BlockrepError:
+    """The error class for an errno returned by the C engine, keeping that errno."""
+    cls = _BY_ERRNO.get(err, BlockrepError)
+    e = cls(message)
+    e.errno = err
+    return e

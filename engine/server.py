@@ -1,0 +1,257 @@
+"""Start and stop the nbdkit process that serves a volume (`blockrep serve` / `blockrep stop`).
+
+Notes on the design:
+- The server is nbdkit running nbd_plugin/plugin.py under Debian's /usr/bin/python3 (nbdkit embeds
+  it); PYTHONPATH carries the repository root and this interpreter's site-packages (the venv),
+  so the plugin imports engine/ and its dependencies (NBDKIT.md).
+- Runtime files live in the volume directory: nbd.sock (default socket), nbdkit.pid, server.log.
+- Without --foreground nbdkit binds its socket, then forks; we wait for its exit status and then
+  for the socket to accept a connection. Errors from the plugin's get_ready (e.g. volume in use,
+  unsupported format) surface as nbdkit's exit status and stderr, turned into one error line.
+- Stale runtime files after a crash: the pid file names a dead process (or not an nbdkit), or the
+  socket refuses connections; both are removed before starting. The volume lock (flock) dies with
+  the crashed process, so it needs no cleanup.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from .errors import BlockrepError, InvalidArgument, NotFound, ServerError, VolumeBusy
+from .volume import Lock, read_params
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = ROOT / "nbd_plugin" / "plugin.py"
+NBDKIT = os.environ.get("BLOCKREP_NBDKIT", "nbdkit")
+
+
+def default_socket(vol: Path) -> Path:
+    return vol / "nbd.sock"
+
+
+def pid_file(vol: Path) -> Path:
+    return vol / "nbdkit.pid"
+
+
+def runtime_info(vol: Path) -> dict | None:
+    """What the running server was started with (VOL/serve.json), or None."""
+    try:
+        return json.loads((vol / "serve.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _served_socket(vol: Path) -> Path:
+    rt = runtime_info(vol)
+    return Path(rt["socket"]) if rt and rt.get("socket") else default_socket(vol)
+
+
+def read_pid(vol: Path) -> int | None:
+    try:
+        return int(pid_file(vol).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return False
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"nbdkit" in cmd
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def running_pid(vol: Path) -> int | None:
+    """The pid of the nbdkit serving vol, or None."""
+    pid = read_pid(vol)
+    return pid if pid and _alive(pid) else None
+
+
+def socket_accepts(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def tcp_accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"invalid --listen {text!r}: use HOST:PORT with a port 1-65535")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plugin_env() -> dict:
+    env = dict(os.environ)
+    paths = [str(ROOT), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _cleanup_stale(vol: Path, sock: Path) -> None:
+    pid = read_pid(vol)
+    if pid and not _alive(pid):
+        pid_file(vol).unlink(missing_ok=True)
+    if sock.exists() and not running_pid(vol) and not socket_accepts(sock):
+        sock.unlink()
+
+
+def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
+                   tls_psk: Path | None, foreground: bool) -> list[str]:
+    cmd = [NBDKIT, "-P", str(pid_file(vol))]
+    if foreground:
+        cmd.append("-f")
+    if listen:
+        cmd += ["-i", listen[0], "-p", str(listen[1])]
+    else:
+        cmd += ["-U", str(sock)]
+    if tls_psk:
+        cmd += ["--tls=require", f"--tls-psk={tls_psk}"]
+    cmd += ["python", str(PLUGIN), f"volume={vol}", f"logfile={vol / 'server.log'}"]
+    return cmd
+
+
+def serve(vol_path: str, socket_path: str | None = None, listen: str | None = None,
+          tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0) -> str:
+    """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line."""
+    vol = Path(vol_path).resolve()
+    read_params(vol)  # NotFound / UnsupportedFormat before anything starts
+    if not os.access(vol, os.R_OK | os.W_OK | os.X_OK):
+        raise InvalidArgument(f"volume directory {vol} is not readable and writable by this user")
+    sock = Path(socket_path).resolve() if socket_path else default_socket(vol)
+    hp = parse_listen(listen) if listen else None
+    if socket_path and listen:
+        raise InvalidArgument("use either --socket or --listen, not both")
+    psk = None
+    if tls_psk:
+        psk = Path(tls_psk).resolve()
+        if not psk.is_file():
+            raise NotFound(f"TLS PSK file {tls_psk} does not exist")
+    pid = running_pid(vol)
+    if pid:
+        raise VolumeBusy(f"volume {vol} is already being served (nbdkit pid {pid})")
+    if Lock.held(vol):
+        raise VolumeBusy(f"volume {vol} is in use by another process")
+    _cleanup_stale(vol, sock)
+    if not hp and sock.exists():
+        raise ServerError(f"socket {sock} is in use by another server")
+    if hp and tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1]):
+        raise ServerError(f"port {hp[1]} on {hp[0]} is already in use")
+    if hp and not psk and not _is_loopback(hp[0]):
+        print(f"blockrep: warning: serving {vol} on {hp[0]}:{hp[1]} without TLS; "
+              "anyone who can reach it can read and write the volume (use --tls-psk)",
+              file=sys.stderr)
+    uri = (f"nbd{'s' if psk else ''}://{hp[0]}:{hp[1]}/" if hp
+           else f"nbd{'s' if psk else ''}+unix:///?socket={sock}")
+    cmd = nbdkit_command(vol, sock, hp, psk, foreground)
+    (vol / "serve.json").write_text(json.dumps({"uri": uri, "socket": None if hp else str(sock)}) + "\n")
+    if foreground:
+        os.execvpe(cmd[0], cmd, plugin_env())
+    try:
+        r = subprocess.run(cmd, env=plugin_env(), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    except FileNotFoundError:
+        raise ServerError("nbdkit is not installed (run scripts/bootstrap.sh)") from None
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"nbdkit did not start within {timeout:.0f}s") from None
+    if r.returncode != 0:
+        raise ServerError(_nbdkit_error(r.stderr.decode(errors="replace")))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1]) if hp \
+            else socket_accepts(sock)
+        if ready:
+            return uri
+        if read_pid(vol) and not running_pid(vol):
+            break
+        time.sleep(0.02)
+    raise ServerError(f"server for {vol} did not start accepting connections (see {vol}/server.log)")
+
+
+def _nbdkit_error(stderr: str) -> str:
+    """Reduce nbdkit's stderr (often a Python traceback) to the one line that says why."""
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        for marker in ("RuntimeError: ", "BlockrepError: ", "Error: "):
+            if marker in ln:
+                return ln.split(marker, 1)[1]
+    for ln in reversed(lines):
+        if "nbdkit: error:" in ln or "Address already in use" in ln:
+            return ln.split("error:", 1)[-1].strip()
+    return lines[-1] if lines else "nbdkit failed to start"
+
+
+def stop(vol_path: str, timeout: float = 60.0) -> bool:
+    """Stop the server of a volume; returns False if it was not running. Waits for exit."""
+    vol = Path(vol_path).resolve()
+    read_params(vol)
+    pid = running_pid(vol)
+    if not pid:
+        pid_file(vol).unlink(missing_ok=True)
+        sock = _served_socket(vol)
+        if sock.exists() and not socket_accepts(sock):
+            sock.unlink()
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.02)
+    if _alive(pid):
+        raise ServerError(f"nbdkit pid {pid} did not exit within {timeout:.0f}s")
+    # nbdkit removes its pid file and socket on a clean exit; make sure.
+    pid_file(vol).unlink(missing_ok=True)
+    sock = _served_socket(vol)
+    if sock.exists() and not socket_accepts(sock):
+        sock.unlink()
+    # the lock is released when the process is gone
+    deadline = time.monotonic() + 5
+    while Lock.held(vol) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return True
+
+
+def ensure_not_served(vol: Path) -> None:
+    pid = running_pid(vol)
+    if pid:
+        raise VolumeBusy(f"volume {vol} is being served (nbdkit pid {pid})")
+
+
+__all__ = ["serve", "stop", "running_pid", "default_socket", "BlockrepError"]

@@ -1,0 +1,370 @@
+"""A blockrep volume: its parameters file, its ownership lock, and the lsfs engine behind it.
+
+Notes on the design:
+- ``volume.json`` (docs/FORMAT.md §1) is written once at create, atomically.
+- One process owns an open volume: ``Volume.open`` takes an exclusive flock on ``VOL/lock`` and
+  holds it until ``close`` (FORMAT.md §6). A second opener gets VolumeBusy at once.
+- Every data call is one call into the C engine (csrc/volume.c), which releases the GIL. The
+  ``maintain`` method (checkpoint when the log grew, collect garbage) is meant for a background
+  thread; it also only calls C.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+import fcntl
+import json
+import os
+import uuid as _uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .errors import (
+    AlreadyExists,
+    BlockrepError,
+    InvalidArgument,
+    NotFound,
+    UnsupportedFormat,
+    VolumeBusy,
+    from_errno,
+)
+
+FORMAT_NAME = "blockrep-volume"
+FORMAT_VERSION = 1
+BLOCK = 4096
+MAX_SIZE = 16 << 40
+DEFAULT_SEGMENT = 32 << 20
+CHECKPOINT_EVERY = 256 << 20  # bytes of log since the last checkpoint
+GC_RATIO = 1.2  # collect while disk use > GC_RATIO x live data (+ one segment)
+BACKENDS = ("lsfs",)
+
+
+@dataclass
+class Params:
+    """The contents of volume.json."""
+
+    uuid: str
+    size: int
+    backend: str = "lsfs"
+    block_size: int = BLOCK
+    granularity: int = BLOCK
+    compress: str = "none"
+    segment_size: int = DEFAULT_SEGMENT
+    created: str = ""
+    format: str = FORMAT_NAME
+    format_version: int = FORMAT_VERSION
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def validate_size(size: int) -> int:
+    if size <= 0:
+        raise InvalidArgument("volume size must be greater than zero")
+    if size % BLOCK:
+        raise InvalidArgument(f"volume size {size} is not a multiple of 4 KiB")
+    if size > MAX_SIZE:
+        raise InvalidArgument("volume size must be at most 16 TiB")
+    return size
+
+
+def validate_granularity(g: int) -> int:
+    if g < BLOCK or g & (g - 1) or g > (1 << 30):
+        raise InvalidArgument(f"granularity {g} must be a power of two between 4K and 1G")
+    return g
+
+
+def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granularity: int = BLOCK,
+           compress: str = "none", segment_size: int = DEFAULT_SEGMENT) -> Params:
+    """Create an empty volume directory. Refuses to touch an existing non-empty directory."""
+    p = Path(path)
+    validate_size(size)
+    validate_granularity(granularity)
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend {backend!r} is not available (choose from: {', '.join(BACKENDS)})")
+    if compress not in ("none", "zstd"):
+        raise InvalidArgument(f"unknown compression {compress!r} (choose none or zstd)")
+    if not (1 << 20) <= segment_size <= (256 << 20):
+        raise InvalidArgument("segment size must be between 1M and 256M")
+    if p.exists():
+        if not p.is_dir():
+            raise AlreadyExists(f"{p} exists and is not a directory")
+        if any(p.iterdir()):
+            raise AlreadyExists(f"{p} already exists and is not empty")
+    elif not p.parent.is_dir():
+        raise NotFound(f"parent directory {p.parent} does not exist")
+    params = Params(
+        uuid=str(_uuid.uuid4()), size=size, backend=backend, granularity=granularity,
+        compress=compress, segment_size=segment_size,
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    )
+    try:
+        p.mkdir(mode=0o700, exist_ok=True)
+        (p / "segments").mkdir(mode=0o700)
+        _atomic_write(p / "volume.json", (json.dumps(asdict(params), indent=2) + "\n").encode())
+    except PermissionError as e:
+        raise InvalidArgument(f"cannot create volume in {p}: {e.strerror}") from None
+    except OSError as e:
+        raise from_errno(e.errno or _errno.EIO, f"cannot create volume in {p}: {e.strerror}") from None
+    return params
+
+
+def read_params(path: str | os.PathLike) -> Params:
+    """Read and check volume.json; NotFound / UnsupportedFormat / CorruptionError with clear text."""
+    p = Path(path)
+    meta = p / "volume.json"
+    if not p.exists():
+        raise NotFound(f"no volume at {p}")
+    if not p.is_dir() or not meta.exists():
+        raise NotFound(f"{p} is not a blockrep volume (no volume.json)")
+    try:
+        raw = json.loads(meta.read_text())
+    except PermissionError as e:
+        raise InvalidArgument(f"cannot read {meta}: {e.strerror}") from None
+    except (OSError, ValueError) as e:
+        raise BlockrepError(f"{meta} is unreadable or damaged: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise BlockrepError(f"{meta} is not a blockrep volume description")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise UnsupportedFormat(
+            f"volume {p} has unsupported format version {raw.get('format_version')!r} "
+            f"(this blockrep reads version {FORMAT_VERSION})")
+    try:
+        params = Params(**{k: raw[k] for k in Params.__dataclass_fields__ if k in raw})
+        validate_size(params.size)
+    except (TypeError, InvalidArgument) as e:
+        raise BlockrepError(f"{meta} is damaged: {e}") from None
+    return params
+
+
+class Lock:
+    """Exclusive ownership of a volume (flock on VOL/lock); released when the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path / "lock"
+        self.fd = -1
+
+    def acquire(self) -> None:
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise from_errno(e.errno or _errno.EIO, f"cannot open {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            self.fd = -1
+            raise VolumeBusy(f"volume {self.path.parent} is in use by another process "
+                             "(is it being served? run 'blockrep stop' first)") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @staticmethod
+    def held(path: Path) -> bool:
+        """True when some process owns the volume."""
+        try:
+            fd = os.open(path / "lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+def _native():
+    try:
+        from . import _native
+    except ImportError as e:  # pragma: no cover - only without a build
+        raise BlockrepError(
+            f"the C extension is not built ({e}); run scripts/bootstrap.sh or make build") from None
+    return _native
+
+
+class Volume:
+    """An open lsfs volume. Use as a context manager or call close()."""
+
+    def __init__(self, path: Path, params: Params, handle, native, lock: Lock, report: dict):
+        self.path = path
+        self.params = params
+        self.size = params.size
+        self._v = handle
+        self._n = native
+        self._lock = lock
+        self.recovery = report
+
+    # ---- lifecycle ----
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, wbuf_size: int = 0) -> "Volume":
+        p = Path(path).resolve()
+        params = read_params(p)
+        if params.backend != "lsfs":
+            raise UnsupportedFormat(f"backend {params.backend!r} is not supported by this blockrep")
+        if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
+            raise InvalidArgument(f"volume directory {p} is not readable and writable by this user")
+        lock = Lock(p)
+        lock.acquire()
+        native = _native()
+        ffi, lib = native.ffi, native.lib
+        vp = ffi.new("vol_params *")
+        vp.size = params.size
+        ffi.memmove(vp.uuid, _uuid.UUID(params.uuid).bytes, 16)
+        vp.compress = 1 if params.compress == "zstd" else 0
+        vp.zstd_level = 3
+        vp.segment_size = params.segment_size
+        vp.wbuf_size = wbuf_size
+        rep = ffi.new("vol_report *")
+        h = lib.vol_open(str(p).encode(), vp, rep)
+        if h == ffi.NULL:
+            err = ffi.errno
+            msg = ffi.string(lib.vol_errmsg()).decode(errors="replace")
+            lock.release()
+            raise from_errno(err, f"cannot open volume {p}: {msg}")
+        report = {k: getattr(rep, k) for k in dir(rep)}
+        return cls(p, params, h, native, lock, report)
+
+    def close(self) -> None:
+        if self._v is None:
+            return
+        r = self._n.lib.vol_close(self._v)
+        self._v = None
+        self._lock.release()
+        if r < 0:
+            self._raise("closing volume")
+
+    def __enter__(self) -> "Volume":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._v is None
+
+    def _raise(self, what: str):
+        ffi, lib = self._n.ffi, self._n.lib
+        err = ffi.errno or _errno.EIO
+        raise from_errno(err, f"{what}: {ffi.string(lib.vol_errmsg()).decode(errors='replace')}")
+
+    # ---- data path (each one C call) ----
+    def read(self, count: int, offset: int) -> bytes:
+        buf = bytearray(count)
+        self.readinto(buf, offset)
+        return bytes(buf)
+
+    def readinto(self, buf, offset: int) -> None:
+        ffi = self._n.ffi
+        if self._n.lib.vol_read(self._v, ffi.from_buffer(buf, require_writable=True), len(buf), offset):
+            self._raise(f"read at {offset}")
+
+    def write(self, buf, offset: int, fua: bool = False) -> None:
+        if self._n.lib.vol_write(self._v, self._n.ffi.from_buffer(buf), len(buf), offset, fua):
+            self._raise(f"write at {offset}")
+
+    def zero(self, count: int, offset: int, fua: bool = False) -> None:
+        if self._n.lib.vol_zero(self._v, count, offset, fua, 0):
+            self._raise(f"zero at {offset}")
+
+    def trim(self, count: int, offset: int, fua: bool = False) -> None:
+        if self._n.lib.vol_zero(self._v, count, offset, fua, 1):
+            self._raise(f"trim at {offset}")
+
+    def flush(self) -> None:
+        if self._n.lib.vol_flush(self._v):
+            self._raise("flush")
+
+    def extents(self, count: int, offset: int, max_extents: int = 1024) -> list[tuple[int, int, int]]:
+        """(offset, length, type) runs from `offset`; type 0 = data, 3 = hole (reads as zeroes)."""
+        ffi = self._n.ffi
+        out = ffi.new("uint64_t[]", 3 * max_extents)
+        n = self._n.lib.vol_extents(self._v, count, offset, out, max_extents)
+        if n < 0:
+            self._raise(f"extents at {offset}")
+        return [(out[3 * i], out[3 * i + 1], out[3 * i + 2]) for i in range(n)]
+
+    # ---- maintenance ----
+    def checkpoint(self) -> None:
+        if self._n.lib.vol_checkpoint(self._v):
+            self._raise("checkpoint")
+
+    def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30) -> int:
+        """Reclaim segments while disk use exceeds ratio x live data. Returns segments reclaimed."""
+        lib = self._n.lib
+        done = 0
+        while done < max_segments:
+            seg = lib.vol_gc_pick(self._v, ratio)
+            if seg <= 0:
+                break
+            if lib.vol_gc_segment(self._v, seg):
+                self._raise(f"collecting segment {seg}")
+            done += 1
+        return done
+
+    def maintain(self) -> None:
+        """One round of background work: checkpoint if the log grew, collect one segment."""
+        if self.stats()["log_since_checkpoint"] > CHECKPOINT_EVERY:
+            self.checkpoint()
+        self.collect(max_segments=1)
+
+    def stats(self) -> dict:
+        ffi = self._n.ffi
+        s = ffi.new("vol_stats *")
+        self._n.lib.vol_get_stats(self._v, s)
+        return {k: getattr(s, k) for k in dir(s)}
+
+    def info(self) -> dict:
+        """What `blockrep info` shows for an open volume."""
+        st = self.stats()
+        return {
+            "path": str(self.path),
+            "uuid": self.params.uuid,
+            "size": self.size,
+            "backend": self.params.backend,
+            "granularity": self.params.granularity,
+            "compress": self.params.compress,
+            "created": self.params.created,
+            "format_version": self.params.format_version,
+            "used_bytes": st["used_bytes"],
+            "live_bytes": st["live_blocks"] * BLOCK,
+            "stored_data_bytes": st["stored_data_bytes"],
+            "segments": st["segments"],
+            "generation": st["gen"],
+            "log_since_checkpoint": st["log_since_checkpoint"],
+            "map_memory_bytes": st["map_bytes"],
+            "corrupt_reads": st["corrupt_reads"],
+            "recovery": self.recovery,
+        }
+
+
+def disk_usage(path: str | os.PathLike) -> int:
+    """Bytes a volume directory takes on disk (for `info` while another process owns it)."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(root, f)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+    return total

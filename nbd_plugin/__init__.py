@@ -1,0 +1,1 @@
+"""nbdkit Python plugin that serves a blockrep volume (see plugin.py)."""

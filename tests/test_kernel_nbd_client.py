@@ -1,0 +1,265 @@
+"""End to end with the Linux kernel's own NBD client.
+
+Debian's kernel (linux-image-amd64, which ships nbd.ko) boots under qemu with a busybox initramfs
+(tests/kernel/build_initramfs.sh, /init = tests/kernel/guest-init.sh). Inside the guest, nbd-client
+connects /dev/nbd0 to `blockrep serve --listen` on the host (10.0.2.2 in qemu user networking),
+makes an ext4 filesystem, writes files and a sha256 manifest, and unmounts.
+
+Then:
+  * the server is restarted and a second boot reads the files back through the kernel client
+    (read-only), checking the manifest;
+  * on the host, the volume is served again on its Unix socket, attached with nbdfuse + losetup,
+    checked with e2fsck and mounted read-only, and every file is compared with the manifest the
+    guest printed on its console and with the contents the guest was told to write.
+
+The host running the tests has no nbd driver itself, hence the virtual machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "tests" / "kernel"
+GUEST_OK = "BLOCKREP-GUEST-OK"
+GUEST_FAIL = "BLOCKREP-GUEST-FAIL"
+RANDOM_MIB = 8
+# What guest-init.sh writes besides the random file (keep in sync with it).
+HELLO_TEXT = b"written by a Linux kernel NBD client (nbd.ko) through blockrep\n"
+NUMBERS_TEXT = b"".join(b"%d\n" % i for i in range(1, 50001))
+BOOT_TIMEOUT = float(os.environ.get("BLOCKREP_QEMU_TIMEOUT", "100"))
+
+
+def _missing_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (losetup, mount)"
+    for tool in ("qemu-system-x86_64", "nbdfuse", "fusermount3", "losetup", "e2fsck",
+                 "nbd-client", "busybox", "cpio", "modprobe"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            return f"{tool} not installed (run scripts/bootstrap.sh)"
+    if not Path("/dev/fuse").exists():
+        return "no /dev/fuse"
+    if not list(Path("/boot").glob("vmlinuz-*")):
+        return "no /boot/vmlinuz-* (apt-get install linux-image-amd64)"
+    return None
+
+
+_why = _missing_prerequisites()
+if _why:
+    pytestmark = [pytest.mark.slow, pytest.mark.skip(reason=_why)]
+
+
+def _blockrep() -> str:
+    env = os.environ.get("BLOCKREP_BIN")
+    if env:
+        return env
+    beside = Path(sys.executable).with_name("blockrep")
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("blockrep")
+    if found:
+        return found
+    return str(REPO / ".venv" / "bin" / "blockrep")
+
+
+def _run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\n"
+            f"stderr:\n{proc.stderr}"
+        )
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> dict[str, str]:
+    """Build (or reuse from the cache) the initramfs; returns {"KERNEL": ..., "INITRD": ...}."""
+    proc = _run(str(KERNEL_DIR / "build_initramfs.sh"), timeout=300)
+    info = dict(
+        line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line
+    )
+    assert Path(info["KERNEL"]).exists() and Path(info["INITRD"]).exists(), proc.stdout
+    return info
+
+
+def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "") -> str:
+    """Boot the test VM once; return its console output (it powers itself off)."""
+    accel = os.environ.get("BLOCKREP_QEMU_ACCEL", "tcg")  # KVM is often absent or nested-broken
+    cmd = [
+        "qemu-system-x86_64",
+        "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+        "-m", "512", "-smp", "1",
+        "-nodefaults", "-display", "none", "-monitor", "none", "-serial", "stdio",
+        "-no-reboot",
+        "-kernel", image["KERNEL"], "-initrd", image["INITRD"],
+        "-append",
+        (
+            f"console=ttyS0 panic=-1 loglevel=3 blockrep.host=10.0.2.2 blockrep.port={port} "
+            f"blockrep.mode={mode} blockrep.mib={RANDOM_MIB} blockrep.export={export}"
+        ),
+        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+    ]
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=BOOT_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace")
+        raise AssertionError(f"guest ({mode}) did not finish in {BOOT_TIMEOUT}s:\n{out}") from None
+    out = proc.stdout.decode(errors="replace").replace("\r", "")
+    return out
+
+
+def _console_manifest(console: str) -> dict[str, str]:
+    manifest = {}
+    for m in re.finditer(r"^BLOCKREP-MANIFEST: ([0-9a-f]{64})  (\S+)$", console, re.MULTILINE):
+        manifest[m.group(2)] = m.group(1)
+    return manifest
+
+
+def _assert_guest_ok(console: str, mode: str) -> None:
+    assert GUEST_FAIL not in console, f"guest {mode} failed:\n{console}"
+    assert re.search(rf"^{GUEST_OK} mode={mode}$", console, re.MULTILINE), (
+        f"guest {mode} did not report success:\n{console}"
+    )
+
+
+class _Server:
+    """blockrep serve / stop for one volume."""
+
+    def __init__(self, vol: Path):
+        self.vol = vol
+        self.running = False
+
+    def start(self, *extra: str) -> None:
+        _run(_blockrep(), "serve", str(self.vol), *extra, timeout=60)
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            _run(_blockrep(), "stop", str(self.vol), timeout=60)
+
+
+def _start_tcp(server: _Server, port: int) -> None:
+    server.start("--listen", f"127.0.0.1:{port}")
+    # serve returns once it accepts connections; double-check the TCP side is up.
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+    _wait_for(accepts, 20, f"blockrep listening on 127.0.0.1:{port}")
+
+
+def test_kernel_nbd_client_writes_ext4(guest_image, tmp_path):
+    vol = tmp_path / "vol"
+    _run(_blockrep(), "create", str(vol), "--size", "256M")
+    server = _Server(vol)
+    fuse_dir = tmp_path / "fuse"
+    mnt = tmp_path / "mnt"
+    fuse_dir.mkdir()
+    mnt.mkdir()
+    loop = None
+    fuse_mounted = False
+    fs_mounted = False
+    try:
+        # 1. A real kernel writes an ext4 filesystem through blockrep.
+        port = _free_port()
+        _start_tcp(server, port)
+        console = _boot_guest(guest_image, port, "write")
+        _assert_guest_ok(console, "write")
+        manifest = _console_manifest(console)
+        assert set(manifest) == {"random.bin", "hello.txt", "numbers.txt"}, console
+        server.stop()
+
+        # 2. After a server restart, the kernel client reads it all back.
+        port = _free_port()
+        _start_tcp(server, port)
+        console = _boot_guest(guest_image, port, "verify")
+        _assert_guest_ok(console, "verify")
+        for name in manifest:
+            assert re.search(rf"^{re.escape(name)}: OK$", console, re.MULTILINE), console
+        server.stop()
+
+        # 3. On the host: serve on the Unix socket, attach with nbdfuse + loop, check everything.
+        server.start()
+        sock = vol / "nbd.sock"
+        pidfile = tmp_path / "nbdfuse.pid"
+        disk = fuse_dir / "disk"
+        fuse = subprocess.Popen(
+            ["nbdfuse", "-r", "-P", str(pidfile), str(disk), f"nbd+unix:///?socket={sock}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        fuse_mounted = True
+        try:
+            _wait_for(lambda: pidfile.exists() and pidfile.stat().st_size > 0
+                      or fuse.poll() is not None, 20, "nbdfuse")
+        finally:
+            if fuse.poll() is not None:
+                fuse_mounted = False
+                raise AssertionError(f"nbdfuse exited: {fuse.stderr.read().decode()}")
+        assert disk.stat().st_size == 256 << 20
+
+        loop = _run("losetup", "-f", "--show", "-r", str(disk)).stdout.strip()
+        fsck = _run("e2fsck", "-fn", loop, check=False, timeout=120)
+        assert fsck.returncode == 0, f"e2fsck found problems:\n{fsck.stdout}{fsck.stderr}"
+
+        _run("mount", "-t", "ext4", "-o", "ro", loop, str(mnt))
+        fs_mounted = True
+        data = mnt / "data"
+        on_disk_manifest = {}
+        for line in (mnt / "MANIFEST.sha256").read_text().splitlines():
+            digest, name = line.split()
+            on_disk_manifest[name] = digest
+        assert on_disk_manifest == manifest
+        for name, digest in manifest.items():
+            assert hashlib.sha256((data / name).read_bytes()).hexdigest() == digest, name
+        assert (data / "hello.txt").read_bytes() == HELLO_TEXT
+        assert (data / "numbers.txt").read_bytes() == NUMBERS_TEXT
+        random_bytes = (data / "random.bin").read_bytes()
+        assert len(random_bytes) == RANDOM_MIB << 20
+        assert random_bytes.count(0) < len(random_bytes) // 128  # really random, not a hole
+    finally:
+        if fs_mounted:
+            subprocess.run(["umount", str(mnt)], check=False)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        if fuse_mounted:
+            subprocess.run(["fusermount3", "-u", str(fuse_dir)], check=False)
+            try:
+                fuse.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                fuse.kill()
+        if server.running:
+            subprocess.run([_blockrep(), "stop", str(vol)], check=False, timeout=60)
