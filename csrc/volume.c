@@ -54,7 +54,8 @@ struct vol {
     uint64_t nsegs_cap;
     uint64_t active;          /* id of the active segment */
     uint64_t active_off;      /* logical end of the active segment (file + buffer) */
-    uint64_t flushed_off;     /* bytes of the active segment already in the file */
+    uint64_t wbase;           /* file offset of wbuf[0]: a multiple of wbuf_cap (the window) */
+    uint64_t written_off;     /* bytes of the active segment already written to the file */
     uint8_t *wbuf;
     size_t wbuf_len, wbuf_cap;
     int dir_dirty;
@@ -148,30 +149,43 @@ static int full_pread(int fd, void *buf, size_t len, uint64_t off)
     return 0;
 }
 
-/* Write the buffered tail of the active segment to its file. On failure the unwritten part
- * stays buffered (still readable) and errno tells why. */
+/* The write buffer is a window [wbase, wbase + wbuf_cap) of the active segment's file, aligned
+ * to its own size. Bytes [written_off, wbase + wbuf_len) are not yet in the file. A full window is
+ * written out whole, so those writes end on aligned boundaries: a write that ends mid-folio makes
+ * the kernel zero the rest of a (large) folio first, measured at a third of the write path.
+ * flush_wbuf writes everything buffered and keeps the window (later appends continue in it).
+ * On failure nothing is lost: the bytes stay buffered (and readable), errno says why. */
 static int flush_wbuf(vol *v)
 {
-    size_t done = 0;
-    int fd = v->segs[v->active].fd;
-    while (done < v->wbuf_len) {
-        ssize_t n = pwrite(fd, v->wbuf + done, v->wbuf_len - done, (off_t)(v->flushed_off + done));
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            int e = errno;
-            if (done) {
-                memmove(v->wbuf, v->wbuf + done, v->wbuf_len - done);
-                v->wbuf_len -= done;
-                v->flushed_off += done;
-            }
-            return fail(e, "writing segment %llu: %s", (unsigned long long)v->active, strerror(e));
-        }
-        done += (size_t)n;
-    }
-    v->flushed_off += v->wbuf_len;
+    uint64_t end = v->wbase + v->wbuf_len;
+    if (v->written_off >= end)
+        return 0;
+    size_t from = (size_t)(v->written_off - v->wbase);
+    if (full_pwrite(v->segs[v->active].fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
+        return fail(errno, "writing segment %llu: %s", (unsigned long long)v->active, strerror(errno));
+    v->written_off = end;
+    return 0;
+}
+
+/* Append bytes to the window, writing it out and sliding it when it fills. Only called after
+ * wb_room() said the bytes fit in this window plus (at most) the next one. */
+static int wb_slide(vol *v)
+{
+    uint64_t end = v->wbase + v->wbuf_cap;
+    size_t from = (size_t)(v->written_off - v->wbase);
+    if (v->written_off < end &&
+        full_pwrite(v->segs[v->active].fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
+        return fail(errno, "writing segment %llu: %s", (unsigned long long)v->active, strerror(errno));
+    v->written_off = end;
+    v->wbase = end;
     v->wbuf_len = 0;
     return 0;
+}
+
+static void wb_copy(vol *v, size_t *pos, const void *p, size_t n)
+{
+    memcpy(v->wbuf + *pos, p, n);
+    *pos += n;
 }
 
 static int create_segment(vol *v, uint64_t id)
@@ -198,8 +212,10 @@ static int create_segment(vol *v, uint64_t id)
     }
     v->segs[id] = (seg_info){.fd = fd, .needs_sync = 1};
     v->active = id;
-    v->active_off = v->flushed_off = SEG_HDR;
-    v->wbuf_len = 0;
+    v->active_off = v->written_off = SEG_HDR;
+    v->wbase = 0;
+    v->wbuf_len = SEG_HDR;
+    memcpy(v->wbuf, h, SEG_HDR); /* already in the file; kept so the window mirrors it */
     v->dir_dirty = 1;
     return 0;
 }
@@ -209,11 +225,14 @@ static int rotate(vol *v)
     if (flush_wbuf(v) < 0)
         return -1;
     seg_info *s = &v->segs[v->active];
-    uint64_t old = v->active, old_off = v->active_off;
+    uint64_t old = v->active, old_off = v->active_off, old_base = v->wbase;
+    size_t old_len = v->wbuf_len;
     s->file_size = v->active_off;
     if (create_segment(v, old + 1) < 0) {
         v->active = old;
-        v->active_off = v->flushed_off = old_off;
+        v->active_off = v->written_off = old_off;
+        v->wbase = old_base;
+        v->wbuf_len = old_len;
         return -1;
     }
     return 0;
@@ -225,8 +244,6 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
                          uint64_t *rec_off_out, uint64_t *pay_off)
 {
     uint64_t reclen = REC_HDR + 4ull * ncrc + plen;
-    if (v->wbuf_len && flush_wbuf(v) < 0 && v->wbuf_len + reclen > v->wbuf_cap)
-        return -1; /* an earlier buffer could not be written and there is no room */
     if (v->active_off + reclen > v->p.segment_size && v->active_off > SEG_HDR)
         if (rotate(v) < 0)
             return -1;
@@ -246,45 +263,45 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
         hc = crc32c_extend(hc, crcs, 4ull * ncrc);
     put32(h + 4, hc);
 
+    /* Copy the record into the window; a record is never larger than a window, so it spans at
+     * most this window and the next. The part that fits is copied first, the window written out,
+     * the rest copied: if the write-out fails, wbuf_len is unchanged and nothing happened. */
     uint64_t rec_off = v->active_off;
-    if (v->wbuf_len + reclen <= v->wbuf_cap) {
-        uint8_t *d = v->wbuf + v->wbuf_len;
-        memcpy(d, h, REC_HDR);
-        if (ncrc)
-            memcpy(d + REC_HDR, crcs, 4ull * ncrc);
-        if (plen)
-            memcpy(d + REC_HDR + 4ull * ncrc, payload, plen);
-        v->wbuf_len += reclen;
+    const struct { const void *p; size_t n; } parts[3] = {
+        {h, REC_HDR}, {crcs, 4ull * ncrc}, {payload, plen}};
+    size_t room = v->wbuf_cap - v->wbuf_len;
+    size_t pos = v->wbuf_len;
+    if (reclen <= room) {
+        for (int i = 0; i < 3; i++)
+            if (parts[i].n)
+                wb_copy(v, &pos, parts[i].p, parts[i].n);
+        v->wbuf_len = pos;
     } else {
-        if (flush_wbuf(v) < 0)
-            return -1;
-        struct iovec iov[3] = {{h, REC_HDR}, {(void *)crcs, 4ull * ncrc}, {(void *)payload, plen}};
-        int fd = v->segs[v->active].fd;
-        uint64_t off = rec_off, left = reclen;
+        size_t left = room;
         int i = 0;
-        while (left) {
-            ssize_t n = pwritev(fd, iov + i, 3 - i, (off_t)off);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                int e = errno;
-                if (ftruncate(fd, (off_t)rec_off) < 0) { /* best effort: drop the partial record */ }
-                return fail(e, "writing segment %llu: %s", (unsigned long long)v->active, strerror(e));
-            }
-            off += (uint64_t)n;
-            left -= (uint64_t)n;
-            while (n > 0 && i < 3) {
-                if ((size_t)n >= iov[i].iov_len) {
-                    n -= (ssize_t)iov[i].iov_len;
-                    i++;
-                } else {
-                    iov[i].iov_base = (uint8_t *)iov[i].iov_base + n;
-                    iov[i].iov_len -= (size_t)n;
-                    n = 0;
-                }
+        size_t done_in = 0;
+        while (left) { /* fill this window */
+            size_t take = parts[i].n - done_in < left ? parts[i].n - done_in : left;
+            if (take)
+                wb_copy(v, &pos, (const uint8_t *)parts[i].p + done_in, take);
+            done_in += take;
+            left -= take;
+            if (done_in == parts[i].n) {
+                i++;
+                done_in = 0;
             }
         }
-        v->flushed_off = rec_off + reclen;
+        size_t saved_len = v->wbuf_len;
+        v->wbuf_len = v->wbuf_cap;
+        if (wb_slide(v) < 0) {
+            v->wbuf_len = saved_len;
+            return -1;
+        }
+        pos = 0;
+        for (; i < 3; i++, done_in = 0)
+            if (parts[i].n > done_in)
+                wb_copy(v, &pos, (const uint8_t *)parts[i].p + done_in, parts[i].n - done_in);
+        v->wbuf_len = pos;
     }
     v->active_off += reclen;
     v->next_seq++;
@@ -324,7 +341,7 @@ static int sync_all(vol *v)
 
 static int flush_locked(vol *v)
 {
-    if (!v->records_since_marker && !v->wbuf_len)
+    if (!v->records_since_marker && v->written_off == v->wbase + v->wbuf_len)
         return 0;
     if (sync_all(v) < 0)
         return -1;
@@ -397,20 +414,20 @@ static int map_tombstone(vol *v, uint64_t lba, uint64_t n, unsigned kind, uint32
 
 static inline int in_wbuf(vol *v, uint64_t seg, uint64_t off)
 {
-    return seg == v->active && off >= v->flushed_off;
+    return seg == v->active && off >= v->wbase;
 }
 
 static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
 {
     if (in_wbuf(v, seg, off)) {
-        memcpy(dst, v->wbuf + (off - v->flushed_off), len);
+        memcpy(dst, v->wbuf + (off - v->wbase), len);
         return 0;
     }
     if (seg >= v->nsegs_cap || v->segs[seg].fd < 0)
         return fail(EIO, "block refers to missing segment %llu", (unsigned long long)seg);
-    if (seg == v->active && off + len > v->flushed_off) {
+    if (seg == v->active && off + len > v->wbase) {
         /* straddles file and buffer */
-        size_t a = (size_t)(v->flushed_off - off);
+        size_t a = (size_t)(v->wbase - off);
         if (full_pread(v->segs[seg].fd, dst, a, off) < 0)
             return fail(EIO, "reading segment %llu: %s", (unsigned long long)seg, strerror(errno));
         memcpy((uint8_t *)dst + a, v->wbuf, len - a);
@@ -1362,7 +1379,10 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     memcpy(&v->uuid8, p->uuid, 8);
     v->gen = 1;
     v->next_seq = 1;
-    v->wbuf_cap = p->wbuf_size ? p->wbuf_size : (1u << 20);
+    /* a window holds any record (<= 4 MiB + header) and is a multiple of 2 MiB (folio alignment) */
+    v->wbuf_cap = (p->wbuf_size + (2u << 20) - 1) / (2u << 20) * (2u << 20);
+    if (v->wbuf_cap < (8u << 20))
+        v->wbuf_cap = 8u << 20;
     v->head = blockmap_new(v->nblocks);
     v->wbuf = malloc(v->wbuf_cap);
     v->zbuf = malloc(ZSTD_compressBound(MAX_COMP_BLOCKS * BS));
@@ -1461,6 +1481,11 @@ err:;
     vol_free(v);
     errno = e;
     return NULL;
+}
+
+void vol_abandon(vol *v)
+{
+    vol_free(v); /* what SIGKILL leaves: the file contents, not the window */
 }
 
 int vol_close(vol *v)

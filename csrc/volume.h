@@ -6,8 +6,8 @@
  *    vol_checkpoint (serialises a frozen clone of the map outside it) and vol_gc_segment
  *    (takes it per record moved). cffi releases the GIL around each call, so background
  *    work (collector, checkpoints) runs beside requests.
- *  - Writes are appended to an in-memory buffer of the active segment (1 MiB) and reach the file
- *    when it fills, on flush/FUA, on rotation and on checkpoint. Reads of buffered blocks copy
+ *  - Writes are appended to an in-memory window of the active segment (8 MiB, see flush_wbuf) and reach the file
+ *    in 2 MiB-aligned pieces when it fills, and whole on flush/FUA, on rotation and on checkpoint. Reads of buffered blocks copy
  *    from the buffer. A flush writes the buffer, fdatasyncs every segment with unsynced bytes and
  *    the directory if a segment was created, and then appends a FLUSH marker (FORMAT.md §3), so a
  *    marker on disk proves everything before it had been synced.
@@ -28,7 +28,7 @@ typedef struct vol_params {
     int compress;           /* 0 none, 1 zstd */
     int zstd_level;
     uint64_t segment_size;  /* bytes */
-    uint64_t wbuf_size;     /* write buffer bytes (0 = default 1 MiB) */
+    uint64_t wbuf_size;     /* write buffer bytes (0 = default 8 MiB) */
 } vol_params;
 
 typedef struct vol_report {      /* what recovery found, for logs and `blockrep info` */
@@ -62,6 +62,7 @@ typedef struct vol_stats {
 
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);             /* flush, checkpoint, free; v is freed even on error */
+void vol_abandon(vol *v);          /* free without writing anything: a simulated process crash */
 int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);

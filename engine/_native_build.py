@@ -30,6 +30,7 @@ typedef struct vol_stats {
 } vol_stats;
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);
+void vol_abandon(vol *v);
 int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);

@@ -15,6 +15,7 @@ Notes on the design:
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -67,7 +68,9 @@ def _alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
         if state == "Z":
-            return False
+            # A killed multi-threaded process shows its leader as a zombie while its other
+            # threads are still exiting and still hold its files (the socket, the lock).
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         return b"nbdkit" in cmd
     except (FileNotFoundError, ProcessLookupError, IndexError):
@@ -105,7 +108,28 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidArgument(f"invalid --listen {text!r}: use HOST:PORT with a port 1-65535")
     host = host.strip("[]") or "0.0.0.0"
+    try:
+        socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise InvalidArgument(f"invalid --listen {text!r}: cannot resolve host {host!r}") from None
     return host, int(port)
+
+
+def _check_can_listen(host: str, port: int) -> None:
+    """Bind (without listening) every address nbdkit would bind, so that a port in use or an
+    address not on this machine is one clear error before nbdkit (and the plugin) start."""
+    for family, type_, proto, _, addr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+        with socket.socket(family, type_, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ServerError(f"port {port} on {host} is already in use") from None
+                raise InvalidArgument(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -157,8 +181,8 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     if not os.access(vol, os.R_OK | os.W_OK | os.X_OK):
         raise InvalidArgument(f"volume directory {vol} is not readable and writable by this user")
     sock = Path(socket_path).resolve() if socket_path else default_socket(vol)
-    hp = parse_listen(listen) if listen else None
-    if socket_path and listen:
+    hp = parse_listen(listen) if listen is not None else None
+    if socket_path and listen is not None:
         raise InvalidArgument("use either --socket or --listen, not both")
     psk = None
     if tls_psk:
@@ -173,8 +197,8 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     _cleanup_stale(vol, sock)
     if not hp and sock.exists():
         raise ServerError(f"socket {sock} is in use by another server")
-    if hp and tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1]):
-        raise ServerError(f"port {hp[1]} on {hp[0]} is already in use")
+    if hp:
+        _check_can_listen(*hp)
     if hp and not psk and not _is_loopback(hp[0]):
         print(f"blockrep: warning: serving {vol} on {hp[0]}:{hp[1]} without TLS; "
               "anyone who can reach it can read and write the volume (use --tls-psk)",
@@ -189,10 +213,12 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
         r = subprocess.run(cmd, env=plugin_env(), stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
     except FileNotFoundError:
+        (vol / "serve.json").unlink(missing_ok=True)
         raise ServerError("nbdkit is not installed (run scripts/bootstrap.sh)") from None
     except subprocess.TimeoutExpired:
         raise ServerError(f"nbdkit did not start within {timeout:.0f}s") from None
     if r.returncode != 0:
+        (vol / "serve.json").unlink(missing_ok=True)  # a failed start leaves nothing behind
         raise ServerError(_nbdkit_error(r.stderr.decode(errors="replace")))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -253,6 +253,13 @@ class Volume:
         if r < 0:
             self._raise("closing volume")
 
+    def abandon(self) -> None:
+        """Drop the volume as a crash would (for tests): nothing buffered is written."""
+        if self._v is not None:
+            self._n.lib.vol_abandon(self._v)
+            self._v = None
+            self._lock.release()
+
     def __enter__(self) -> "Volume":
         return self
 

@@ -6,8 +6,9 @@ connects /dev/nbd0 to `blockrep serve --listen` on the host (10.0.2.2 in qemu us
 makes an ext4 filesystem, writes files and a sha256 manifest, and unmounts.
 
 Then:
-  * the server is restarted and a second boot reads the files back through the kernel client
-    (read-only), checking the manifest;
+  * the server is killed with SIGKILL (a crash: the guest unmounted, so every block it wrote was
+    flushed or written with FUA and must survive), served again, and a second boot reads the files
+    back through the kernel client (read-only), checking the manifest;
   * on the host, the volume is served again on its Unix socket, attached with nbdfuse + losetup,
     checked with e2fsck and mounted read-only, and every file is compared with the manifest the
     guest printed on its console and with the contents the guest was told to write.
@@ -21,6 +22,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -169,6 +171,21 @@ class _Server:
             self.running = False
             _run(_blockrep(), "stop", str(self.vol), timeout=60)
 
+    def crash(self) -> None:
+        """SIGKILL the nbdkit serving the volume (its pid is in VOL/nbdkit.pid)."""
+        pid = int((self.vol / "nbdkit.pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        _wait_for(lambda: not _alive(pid), 20, f"nbdkit {pid} to die")
+        self.running = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
 
 def _start_tcp(server: _Server, port: int) -> None:
     server.start("--listen", f"127.0.0.1:{port}")
@@ -201,9 +218,9 @@ def test_kernel_nbd_client_writes_ext4(guest_image, tmp_path):
         _assert_guest_ok(console, "write")
         manifest = _console_manifest(console)
         assert set(manifest) == {"random.bin", "hello.txt", "numbers.txt"}, console
-        server.stop()
+        server.crash()
 
-        # 2. After a server restart, the kernel client reads it all back.
+        # 2. After the crash and a restart, the kernel client reads it all back.
         port = _free_port()
         _start_tcp(server, port)
         console = _boot_guest(guest_image, port, "verify")
@@ -222,13 +239,11 @@ def test_kernel_nbd_client_writes_ext4(guest_image, tmp_path):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         fuse_mounted = True
-        try:
-            _wait_for(lambda: pidfile.exists() and pidfile.stat().st_size > 0
-                      or fuse.poll() is not None, 20, "nbdfuse")
-        finally:
-            if fuse.poll() is not None:
-                fuse_mounted = False
-                raise AssertionError(f"nbdfuse exited: {fuse.stderr.read().decode()}")
+        _wait_for(lambda: (pidfile.exists() and pidfile.stat().st_size > 0)
+                  or fuse.poll() is not None, 20, "nbdfuse")
+        if fuse.poll() is not None:
+            fuse_mounted = False
+            raise AssertionError(f"nbdfuse exited: {fuse.stderr.read().decode()}")
         assert disk.stat().st_size == 256 << 20
 
         loop = _run("losetup", "-f", "--show", "-r", str(disk)).stdout.strip()
