@@ -1,0 +1,264 @@
+"""The lsfs engine without nbdkit: each test one behaviour of engine.volume.Volume / csrc/."""
+
+import errno
+import json
+import os
+
+import pytest
+
+from engine import volume
+from engine.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    UnsupportedFormat,
+    VolumeBusy,
+)
+from engine.volume import Volume
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def vol(tmp_path):
+    volume.create(tmp_path / "v", 64 * MiB, segment_size=1 * MiB)
+    v = Volume.open(tmp_path / "v")
+    yield v
+    if not v.closed:
+        v.close()
+
+
+def reopen(v):
+    path = v.path
+    v.close()
+    return Volume.open(path)
+
+
+def test_new_volume_reads_zeroes_and_is_one_hole(vol):
+    assert vol.read(64 * MiB, 0) == bytes(64 * MiB)
+    assert vol.extents(64 * MiB, 0) == [(0, 64 * MiB, 3)]
+
+
+def test_aligned_write_reads_back(vol):
+    data = os.urandom(8192)
+    vol.write(data, 4096)
+    assert vol.read(8192, 4096) == data
+    assert vol.read(4096, 0) == bytes(4096)
+
+
+@pytest.mark.parametrize("offset,length", [(1, 1), (513, 512), (4095, 2), (4000, 10000), (12287, 4097)])
+def test_unaligned_write_keeps_neighbouring_bytes(vol, offset, length):
+    base = os.urandom(32768)
+    vol.write(base, 0)
+    data = os.urandom(length)
+    vol.write(data, offset)
+    expect = bytearray(base)
+    expect[offset:offset + length] = data
+    assert vol.read(32768, 0) == bytes(expect)
+
+
+def test_unaligned_read_of_written_data(vol):
+    data = os.urandom(3 * 4096)
+    vol.write(data, 0)
+    assert vol.read(5000, 3000) == data[3000:8000]
+
+
+def test_write_larger_than_one_record_and_segment(vol):
+    data = os.urandom(6 * MiB)  # > 1024-block records and > 1 MiB segments
+    vol.write(data, 5 * MiB)
+    assert vol.read(6 * MiB, 5 * MiB) == data
+    v2 = reopen(vol)
+    try:
+        assert v2.read(6 * MiB, 5 * MiB) == data
+    finally:
+        v2.close()
+
+
+def test_zero_makes_a_hole_and_reads_zeroes(vol):
+    vol.write(os.urandom(1 * MiB), 0)
+    vol.zero(512 * 1024, 256 * 1024)
+    assert vol.read(512 * 1024, 256 * 1024) == bytes(512 * 1024)
+    assert vol.extents(1 * MiB, 0) == [(0, 256 * 1024, 0), (256 * 1024, 512 * 1024, 3),
+                                      (768 * 1024, 256 * 1024, 0)]
+
+
+def test_unaligned_zero_zeroes_exactly_the_range(vol):
+    data = os.urandom(16384)
+    vol.write(data, 0)
+    vol.zero(5000, 1000)
+    expect = bytearray(data)
+    expect[1000:6000] = bytes(5000)
+    assert vol.read(16384, 0) == bytes(expect)
+
+
+def test_trim_of_whole_blocks_reads_zeroes_partial_blocks_keep_data(vol):
+    data = os.urandom(16384)
+    vol.write(data, 0)
+    vol.trim(10000, 1000)  # whole blocks 1 (4096..8191) only
+    got = vol.read(16384, 0)
+    assert got[4096:8192] == bytes(4096)
+    assert got[:4096] == data[:4096] and got[8192:] == data[8192:]
+
+
+def test_zero_of_never_written_range_allocates_nothing(vol):
+    before = vol.stats()["map_bytes"]
+    vol.zero(64 * MiB, 0)
+    assert vol.stats()["map_bytes"] == before
+
+
+def test_request_beyond_the_end_is_einval_and_changes_nothing(vol):
+    with pytest.raises(InvalidArgument) as e:
+        vol.write(b"x" * 4096, 64 * MiB)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(InvalidArgument):
+        vol.read(4097, 64 * MiB - 4096)
+    assert vol.extents(64 * MiB, 0) == [(0, 64 * MiB, 3)]
+
+
+def test_extents_are_contiguous_and_cover_the_request(vol):
+    for i in range(0, 40, 3):
+        vol.write(os.urandom(4096), i * 4096)
+    ext = vol.extents(40 * 4096, 0)
+    assert ext[0][0] == 0
+    for (o1, n1, t1), (o2, _, t2) in zip(ext, ext[1:]):
+        assert o1 + n1 == o2 and t1 != t2
+    assert sum(n for _, n, _ in ext) == 40 * 4096
+
+
+def test_extents_of_a_16_tib_sparse_volume_are_fast_to_list(tmp_path):
+    volume.create(tmp_path / "big", 16 << 40)
+    with Volume.open(tmp_path / "big") as v:
+        v.write(b"a" * 4096, (8 << 40))
+        ext = v.extents(16 << 40, 0)
+        assert ext == [(0, 8 << 40, 3), (8 << 40, 4096, 0), ((8 << 40) + 4096, (8 << 40) - 4096, 3)]
+        assert v.read(4096, 8 << 40) == b"a" * 4096
+
+
+def test_data_survives_close_and_reopen(vol):
+    data = os.urandom(1 * MiB)
+    vol.write(data, 3 * MiB)
+    vol.zero(4096, 3 * MiB)
+    v2 = reopen(vol)
+    try:
+        assert v2.read(1 * MiB, 3 * MiB) == bytes(4096) + data[4096:]
+    finally:
+        v2.close()
+
+
+def test_flushed_data_survives_a_crash(vol):
+    data = os.urandom(256 * 1024)
+    vol.write(data, 0)
+    vol.flush()
+    path = vol.path
+    vol.abandon()
+    with Volume.open(path) as v:
+        assert v.read(256 * 1024, 0) == data
+
+
+def test_fua_write_survives_a_crash(vol):
+    data = os.urandom(4096)
+    vol.write(data, 8192, fua=True)
+    path = vol.path
+    vol.abandon()
+    with Volume.open(path) as v:
+        assert v.read(4096, 8192) == data
+
+
+def test_unflushed_write_is_wholly_present_or_absent_after_a_crash(vol):
+    old = os.urandom(64 * 1024)
+    vol.write(old, 0)
+    vol.flush()
+    new = os.urandom(64 * 1024)
+    vol.write(new, 0)
+    path = vol.path
+    vol.abandon()
+    with Volume.open(path) as v:
+        assert v.read(64 * 1024, 0) in (old, new)
+
+
+def test_collector_reclaims_overwritten_space(vol):
+    data = os.urandom(4 * MiB)
+    for _ in range(8):
+        vol.write(data, 0)
+    vol.flush()
+    assert vol.stats()["used_bytes"] > 20 * MiB
+    vol.collect()
+    st = vol.stats()
+    assert st["used_bytes"] <= 1.3 * st["live_blocks"] * 4096 + 2 * MiB
+    assert vol.read(4 * MiB, 0) == data
+
+
+def test_collector_keeps_data_across_reopen(vol):
+    a, b = os.urandom(2 * MiB), os.urandom(2 * MiB)
+    vol.write(a, 0)
+    vol.write(b, 8 * MiB)
+    for _ in range(4):
+        vol.write(os.urandom(2 * MiB), 0)
+    vol.write(a, 0)
+    vol.collect()
+    v2 = reopen(vol)
+    try:
+        assert v2.read(2 * MiB, 0) == a and v2.read(2 * MiB, 8 * MiB) == b
+    finally:
+        v2.close()
+
+
+def test_compressed_volume_roundtrip_and_saves_space(tmp_path):
+    volume.create(tmp_path / "c", 64 * MiB, compress="zstd")
+    text = (b"blockrep compresses repetitive data well. " * 200)[: 1 * MiB]
+    text = text + bytes(1 * MiB - len(text))
+    with Volume.open(tmp_path / "c") as v:
+        for i in range(8):
+            v.write(text, i * MiB)
+        v.write(b"z" * 100, 12345)
+        v.flush()
+        assert v.stats()["used_bytes"] < 2 * MiB
+    with Volume.open(tmp_path / "c") as v:
+        expect = bytearray(text)
+        expect[12345:12445] = b"z" * 100
+        assert v.read(1 * MiB, 0) == bytes(expect)
+        assert v.read(1 * MiB, 7 * MiB) == text
+
+
+def test_second_open_is_refused_while_owned(vol):
+    with pytest.raises(VolumeBusy):
+        Volume.open(vol.path)
+
+
+def test_create_refuses_existing_nonempty_directory(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "file").write_text("keep me")
+    with pytest.raises(AlreadyExists):
+        volume.create(tmp_path / "x", MiB)
+    assert (tmp_path / "x" / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("size", [0, -4096, 1000, (16 << 40) + 4096])
+def test_create_refuses_bad_sizes(tmp_path, size):
+    with pytest.raises(InvalidArgument):
+        volume.create(tmp_path / "x", size)
+    assert not (tmp_path / "x").exists()
+
+
+def test_open_refuses_unknown_format_version(tmp_path):
+    volume.create(tmp_path / "v", MiB)
+    meta = tmp_path / "v" / "volume.json"
+    raw = json.loads(meta.read_text())
+    raw["format_version"] = 99
+    meta.write_text(json.dumps(raw))
+    with pytest.raises(UnsupportedFormat, match="format version 99"):
+        Volume.open(tmp_path / "v")
+
+
+def test_open_of_missing_volume_is_not_found(tmp_path):
+    with pytest.raises(NotFound):
+        Volume.open(tmp_path / "nothing")
+
+
+def test_map_memory_is_at_most_16_bytes_per_written_block_plus_constant(tmp_path):
+    volume.create(tmp_path / "m", 1 << 30)
+    with Volume.open(tmp_path / "m") as v:
+        v.write(os.urandom(MiB) * 64, 0)  # 64 MiB = 16384 blocks, written densely
+        st = v.stats()
+        blocks = 64 * MiB // 4096
+        assert st["map_bytes"] <= 16 * blocks + 64 * 1024
