@@ -1189,8 +1189,13 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
     for (size_t si = 0; si < nsm; si++) {
         segmap *s = &sm[si];
         uint8_t *h = s->d;
-        if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4) ||
-            get32(h + 12) != (uint32_t)s->id || memcmp(h + 16, v->p.uuid, 16) != 0) {
+        if (s->len >= SEG_HDR && get32(h) == SEG_MAGIC && crc32c(h + 8, SEG_HDR - 8) == get32(h + 4) &&
+            (get32(h + 12) != (uint32_t)s->id || memcmp(h + 16, v->p.uuid, 16) != 0)) {
+            r = fail(EIO, "segment %016llx.seg belongs to another volume or was renamed; refusing to open",
+                     (unsigned long long)s->id);
+            goto out_pend;
+        }
+        if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4)) {
             /* a segment created but whose header never reached the disk, or a foreign file */
             size_t fsi, fpos;
             if (!find_marker_after(v, sm, nsm, si, SEG_HDR, v->next_seq - 1, &fsi, &fpos) && fsi == nsm) {

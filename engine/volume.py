@@ -23,6 +23,7 @@ from pathlib import Path
 from .errors import (
     AlreadyExists,
     BlockrepError,
+    CorruptionError,
     InvalidArgument,
     NotFound,
     UnsupportedFormat,
@@ -310,6 +311,34 @@ class Volume:
         if n < 0:
             self._raise(f"extents at {offset}")
         return [(out[3 * i], out[3 * i + 1], out[3 * i + 2]) for i in range(n)]
+
+    def scrub(self, chunk: int = 1 << 20) -> list[tuple[int, int]]:
+        """Read every block that holds data; return the (offset, length) extents that fail
+        their checksum, coalesced. Reads only data extents, so holes cost nothing."""
+        bad: list[tuple[int, int]] = []
+        buf = bytearray(chunk)
+        pos = 0
+        while pos < self.size:
+            ext = self.extents(self.size - pos, pos)
+            for off, length, typ in ext:
+                if typ != 0:
+                    continue
+                for o in range(off, off + length, chunk):
+                    n = min(chunk, off + length - o)
+                    try:
+                        self.readinto(memoryview(buf)[:n], o)
+                    except CorruptionError:
+                        for b in range(o, o + n, BLOCK):
+                            try:
+                                self.readinto(memoryview(buf)[:BLOCK], b)
+                            except CorruptionError:
+                                if bad and bad[-1][0] + bad[-1][1] == b:
+                                    bad[-1] = (bad[-1][0], bad[-1][1] + BLOCK)
+                                else:
+                                    bad.append((b, BLOCK))
+            last = ext[-1]
+            pos = last[0] + last[1]
+        return bad
 
     # ---- maintenance ----
     def checkpoint(self) -> None:

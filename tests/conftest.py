@@ -188,11 +188,14 @@ class Server:
         return self.start()
 
     # ---- clients ----
-    def connect(self, uri: str | None = None):
-        """A libnbd handle connected to the live export (closed at teardown)."""
+    def connect(self, uri: str | None = None, meta: bool = True):
+        """A libnbd handle connected to the live export (closed at teardown); with meta, the
+        base:allocation context is requested so h.block_status works."""
         import nbd
 
         h = nbd.NBD()
+        if meta:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         h.connect_uri(uri or self.uri)
         self._handles.append(h)
         return h
