@@ -1519,13 +1519,12 @@ int64_t vol_gc_pick(vol *v, double ratio)
     double best_ratio = 2.0;
     for (uint64_t i = 0; i < v->nsegs_cap; i++) {
         seg_info *s = &v->segs[i];
-        if (s->fd < 0)
-            continue;
+        if (s->fd < 0 || (i != v->active && s->live_blocks == 0))
+            continue; /* dead segments go at the next checkpoint: not the collector's work */
         uint64_t fsz = i == v->active ? v->active_off : s->file_size;
         used += fsz;
         /* live bytes estimated from the segment's own bytes per block (compression-aware) */
-        uint64_t lb = s->total_blocks ? (uint64_t)((double)fsz * s->live_blocks / s->total_blocks) : 0;
-        live += lb;
+        live += s->total_blocks ? (uint64_t)((double)fsz * s->live_blocks / s->total_blocks) : 0;
         if (i == v->active || s->total_blocks == 0)
             continue;
         double r = (double)s->live_blocks / (double)s->total_blocks;
@@ -1535,11 +1534,7 @@ int64_t vol_gc_pick(vol *v, double ratio)
         }
     }
     uint64_t active_sz = v->active < v->nsegs_cap ? v->active_off : 0;
-    if (best && best_ratio < 1.0 && (double)used > ratio * (double)live + (double)active_sz)
-        ; /* worth it */
-    else if (best && best_ratio == 0.0)
-        ; /* wholly dead segments are always worth dropping */
-    else
+    if (!(best && best_ratio < 1.0 && (double)used > ratio * (double)live + (double)active_sz))
         best = 0;
     pthread_mutex_unlock(&v->lock);
     return best;
@@ -1635,18 +1630,9 @@ int vol_gc_segment(vol *v, uint64_t seg)
     munmap(d, len);
     if (r < 0)
         return -1;
-    /* The checkpoint makes the relocated copies the ones recovery knows; only then delete. */
-    if (vol_checkpoint(v) < 0)
-        return -1;
+    /* The segment is now dead; the next checkpoint makes the relocated copies the ones
+     * recovery knows and only then deletes it (drop_dead_segments). */
     pthread_mutex_lock(&v->lock);
-    if (v->segs[seg].fd >= 0 && v->segs[seg].live_blocks == 0) {
-        char name[32];
-        seg_name(name, seg);
-        close(v->segs[seg].fd);
-        v->segs[seg] = (seg_info){.fd = -1};
-        unlinkat(v->segdirfd, name, 0);
-        v->dir_dirty = 1;
-    }
     v->gc_segments++;
     pthread_mutex_unlock(&v->lock);
     return 0;
@@ -1662,6 +1648,8 @@ int vol_get_stats(vol *v, vol_stats *s)
         if (g->fd < 0)
             continue;
         s->segments++;
+        if (i != v->active && g->live_blocks == 0)
+            s->dead_segments++;
         uint64_t fsz = i == v->active ? v->active_off : g->file_size;
         s->used_bytes += fsz;
         s->live_blocks += g->live_blocks;

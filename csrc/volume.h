@@ -55,6 +55,7 @@ typedef struct vol_stats {
     uint64_t gc_segments;        /* segments reclaimed since open */
     uint64_t gc_bytes_moved;
     uint64_t stored_data_bytes;  /* bytes of payload written into live segments (compressed size) */
+    uint64_t dead_segments;      /* sealed segments with no live block: deleted by the next checkpoint */
 } vol_stats;
 
 #define VOL_EXTENT_DATA 0
@@ -73,7 +74,8 @@ int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max)
 int vol_checkpoint(vol *v);
 /* The sealed segment most worth collecting, or 0 when disk use is within ratio x live data. */
 int64_t vol_gc_pick(vol *v, double ratio);
-/* Move the live blocks of segment seg to the head of the log, checkpoint, delete it. */
+/* Move the live blocks of sealed segment seg to the head of the log (RELOC records, same
+ * generation). The segment is then dead and the next vol_checkpoint deletes it. */
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
 const char *vol_errmsg(void);

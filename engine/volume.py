@@ -345,8 +345,10 @@ class Volume:
         if self._n.lib.vol_checkpoint(self._v):
             self._raise("checkpoint")
 
-    def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30) -> int:
-        """Reclaim segments while disk use exceeds ratio x live data. Returns segments reclaimed."""
+    def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30, batch: int = 8) -> int:
+        """Reclaim segments while disk use exceeds ratio x live data; returns segments moved.
+        Relocates up to `batch` victims, then one checkpoint makes the moves durable and deletes
+        the dead segments (docs/FORMAT.md §7)."""
         lib = self._n.lib
         done = 0
         while done < max_segments:
@@ -356,13 +358,17 @@ class Volume:
             if lib.vol_gc_segment(self._v, seg):
                 self._raise(f"collecting segment {seg}")
             done += 1
+            if done % batch == 0:
+                self.checkpoint()
+        if done % batch or self.stats()["dead_segments"]:
+            self.checkpoint()
         return done
 
     def maintain(self) -> None:
-        """One round of background work: checkpoint if the log grew, collect one segment."""
+        """One round of background work: checkpoint if the log grew, collect a few segments."""
         if self.stats()["log_since_checkpoint"] > CHECKPOINT_EVERY:
             self.checkpoint()
-        self.collect(max_segments=1)
+        self.collect(max_segments=8)
 
     def stats(self) -> dict:
         ffi = self._n.ffi
