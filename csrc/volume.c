@@ -1533,8 +1533,8 @@ int64_t vol_gc_pick(vol *v, double ratio)
             best = (int64_t)i;
         }
     }
-    uint64_t active_sz = v->active < v->nsegs_cap ? v->active_off : 0;
-    if (!(best && best_ratio < 1.0 && (double)used > ratio * (double)live + (double)active_sz))
+    /* worth it while disk use exceeds ratio x live data and the victim frees >= 10% of itself */
+    if (!(best && best_ratio < 0.9 && (double)used > ratio * (double)live))
         best = 0;
     pthread_mutex_unlock(&v->lock);
     return best;

@@ -206,10 +206,8 @@ class Server:
                 h.shutdown()
             except Exception:
                 pass
-            try:
+            if hasattr(h, "close"):  # libnbd >= 1.16; older handles close when collected
                 h.close()
-            except Exception:
-                pass
         self._handles.clear()
 
     def info(self) -> dict:

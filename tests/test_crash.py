@@ -277,7 +277,7 @@ def crash_loop(server, seed: int, kills: int, size: int, ops_range=(10, 400)) ->
             time.sleep(rnd.random() * 0.01)  # let the server get further into its queue
         server.kill()
         wl.drain_after_kill(h)
-        h.close()
+        del h
         if k % 5 == 4:  # open the crashed volume offline: recovery must find no corruption
             rec = server.info()["recovery"]
             assert rec["corrupt_records"] == 0 and rec["skipped_bytes"] == 0, \
@@ -291,7 +291,7 @@ def crash_loop(server, seed: int, kills: int, size: int, ops_range=(10, 400)) ->
         h.flush()
         oracle.recovered(data)
         h.shutdown()
-        h.close()
+        del h
     return times
 
 
@@ -352,7 +352,7 @@ def test_sigkill_during_heavy_writes_with_large_log(make_server):
         wl.run(h, 50)
     s.kill()
     wl.drain_after_kill(h)
-    h.close()
+    del h
     # open the crashed volume directly (no server): recovery runs here and reports what it found
     t0 = time.monotonic()
     info = s.info()

@@ -389,7 +389,6 @@ class Fsx:
     def connect(self):
         if self.h is not None:
             self.h.shutdown()
-            self.h.close()
         self.h = connect(self.server.uri)
 
     def fail(self, msg):
