@@ -23,6 +23,7 @@ build:
 	$(PY) -m engine._native_build
 
 lint:
+	$(VENV)/bin/mypy engine
 	$(VENV)/bin/ruff check engine nbd_plugin tests bench
 
 clean:

@@ -65,7 +65,8 @@ def cmd_info(a) -> int:
         print(json.dumps(info, indent=2))
         return 0
     rows = [
-        ("volume", info["path"]), ("uuid", info["uuid"]), ("size", f"{format_size(info['size'])} ({info['size']} bytes)"),
+        ("volume", info["path"]), ("uuid", info["uuid"]),
+        ("size", f"{format_size(info['size'])} ({info['size']} bytes)"),
         ("backend", info["backend"]), ("compress", info["compress"]),
         ("granularity", format_size(info["granularity"])), ("created", info["created"]),
         ("used on disk", format_size(info["used_bytes"])),
@@ -79,7 +80,8 @@ def cmd_info(a) -> int:
         if rec["torn_bytes_dropped"] or rec["corrupt_records"] or rec["skipped_bytes"]:
             rows.append(("recovery", f"dropped torn tail {rec['torn_bytes_dropped']} bytes, "
                          f"corrupt records {rec['corrupt_records']}, skipped {rec['skipped_bytes']} bytes"))
-    rows.append(("served", f"yes, pid {info['server_pid']}, {info.get('uri', '')}" if info["served"] else "no"))
+    served = f"yes, pid {info['server_pid']}, {info.get('uri', '')}" if info["served"] else "no"
+    rows.append(("served", served))
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")

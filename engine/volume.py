@@ -109,7 +109,7 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
     params = Params(
         uuid=str(_uuid.uuid4()), size=size, backend=backend, granularity=granularity,
         compress=compress, segment_size=segment_size,
-        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        created=_dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
     )
     try:
         p.mkdir(mode=0o700, exist_ok=True)
@@ -217,7 +217,7 @@ class Volume:
 
     # ---- lifecycle ----
     @classmethod
-    def open(cls, path: str | os.PathLike, *, wbuf_size: int = 0) -> "Volume":
+    def open(cls, path: str | os.PathLike, *, wbuf_size: int = 0) -> Volume:
         p = Path(path).resolve()
         params = read_params(p)
         if params.backend != "lsfs":
@@ -261,7 +261,7 @@ class Volume:
             self._v = None
             self._lock.release()
 
-    def __enter__(self) -> "Volume":
+    def __enter__(self) -> Volume:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -403,7 +403,7 @@ class Volume:
 def disk_usage(path: str | os.PathLike) -> int:
     """Bytes a volume directory takes on disk (for `info` while another process owns it)."""
     total = 0
-    for root, _dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(os.fspath(path)):
         for f in files:
             try:
                 total += os.stat(os.path.join(root, f)).st_blocks * 512

@@ -120,7 +120,7 @@ def test_extents_are_contiguous_and_cover_the_request(vol):
         vol.write(os.urandom(4096), i * 4096)
     ext = vol.extents(40 * 4096, 0)
     assert ext[0][0] == 0
-    for (o1, n1, t1), (o2, _, t2) in zip(ext, ext[1:]):
+    for (o1, n1, t1), (o2, _, t2) in zip(ext, ext[1:], strict=False):
         assert o1 + n1 == o2 and t1 != t2
     assert sum(n for _, n, _ in ext) == 40 * 4096
 

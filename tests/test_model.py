@@ -13,7 +13,7 @@ import tempfile
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from engine import volume
 from engine.volume import Volume
@@ -25,7 +25,8 @@ EXAMPLES = int(os.environ.get("BLOCKREP_MODEL_EXAMPLES", "60"))
 STEPS = int(os.environ.get("BLOCKREP_MODEL_STEPS", "60"))
 
 offsets = st.integers(0, SIZE - 1)
-lengths = st.one_of(st.integers(1, 3 * BS), st.sampled_from([BS, 2 * BS, 64 * 1024]), st.integers(1, 300 * 1024))
+lengths = st.one_of(st.integers(1, 3 * BS), st.sampled_from([BS, 2 * BS, 64 * 1024]),
+                    st.integers(1, 300 * 1024))
 
 
 class EngineModel(RuleBasedStateMachine):
