@@ -31,10 +31,12 @@
 #define MAX_TOMB_BLOCKS (1u << 30)
 
 enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5 };
-enum { F_COMP = 1, F_MORE = 2 };
+enum { F_COMP = 1, F_MORE = 2, F_FIRST = 4 };
 
 typedef struct seg_info {
     int fd;               /* -1 when the segment does not exist */
+    uint8_t *map;         /* read-only shared mapping of the file (reads are memcpy, no syscall) */
+    size_t map_len;
     uint8_t needs_sync;
     uint64_t total_blocks;
     uint64_t live_blocks;
@@ -60,6 +62,7 @@ struct vol {
     size_t wbuf_len, wbuf_cap;
     int dir_dirty;
     int records_since_marker;
+    int req_first;            /* the next record appended starts a request (F_FIRST) */
     uint64_t since_ckpt;
     uint64_t ckpt_size;
     uint64_t corrupt_reads;
@@ -71,7 +74,15 @@ struct vol {
     uint64_t dcache_loc;      /* loc (without index) of dcache, 0 = empty */
     uint8_t *scratch;         /* RMW scratch for unaligned requests */
     size_t scratch_cap;
+    /* Recycled segment files: dead segments are renamed to NNN.free and reused for new
+     * segments, so appends overwrite page-cache pages and disk blocks already allocated
+     * (as PostgreSQL recycles WAL files). Stale records in them have older sequence numbers,
+     * which recovery never accepts (FORMAT.md §3). */
+    struct { int fd; uint64_t old_id; } pool[4];
+    int npool;
 };
+
+#define POOL_MAX 4
 
 static __thread char errbuf[512];
 
@@ -130,24 +141,6 @@ static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
     return 0;
 }
 
-static int full_pread(int fd, void *buf, size_t len, uint64_t off)
-{
-    uint8_t *p = buf;
-    while (len) {
-        ssize_t n = pread(fd, p, len, (off_t)off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        if (n == 0)
-            return errno = EIO, -1;
-        p += n;
-        len -= (size_t)n;
-        off += (uint64_t)n;
-    }
-    return 0;
-}
 
 /* The write buffer is a window [wbase, wbase + wbuf_cap) of the active segment's file, aligned
  * to its own size. Bytes [written_off, wbase + wbuf_len) are not yet in the file. A full window is
@@ -188,13 +181,70 @@ static void wb_copy(vol *v, size_t *pos, const void *p, size_t n)
     *pos += n;
 }
 
+static size_t seg_map_len(vol *v, uint64_t file_size)
+{
+    uint64_t want = v->p.segment_size + (5u << 20); /* a record may overrun the target */
+    return (size_t)(file_size > want ? file_size : want);
+}
+
+static int seg_map(vol *v, uint64_t id)
+{
+    seg_info *s = &v->segs[id];
+    s->map_len = seg_map_len(v, s->file_size);
+    void *m = mmap(NULL, s->map_len, PROT_READ, MAP_SHARED, s->fd, 0);
+    if (m == MAP_FAILED) {
+        s->map = NULL;
+        return fail(errno, "mapping segment %llu: %s", (unsigned long long)id, strerror(errno));
+    }
+    s->map = m;
+    return 0;
+}
+
+/* Remove a segment: recycle its file into the pool when there is room, else unlink it. */
+static void seg_retire(vol *v, uint64_t id, int recycle)
+{
+    seg_info *s = &v->segs[id];
+    char name[32], fname[32];
+    seg_name(name, id);
+    if (s->map)
+        munmap(s->map, s->map_len);
+    if (recycle && v->npool < POOL_MAX) {
+        snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)id);
+        if (renameat(v->segdirfd, name, v->segdirfd, fname) == 0) {
+            v->pool[v->npool].fd = s->fd;
+            v->pool[v->npool].old_id = id;
+            v->npool++;
+            *s = (seg_info){.fd = -1};
+            v->dir_dirty = 1;
+            return;
+        }
+    }
+    close(s->fd);
+    unlinkat(v->segdirfd, name, 0);
+    *s = (seg_info){.fd = -1};
+    v->dir_dirty = 1;
+}
+
 static int create_segment(vol *v, uint64_t id)
 {
     char name[32];
     if (seg_reserve(v, id) < 0)
         return -1;
     seg_name(name, id);
-    int fd = openat(v->segdirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = -1;
+    while (v->npool && fd < 0) {
+        char fname[32];
+        v->npool--;
+        snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)v->pool[v->npool].old_id);
+        if (renameat(v->segdirfd, fname, v->segdirfd, name) == 0) {
+            fd = v->pool[v->npool].fd;
+        } else {
+            close(v->pool[v->npool].fd);
+            unlinkat(v->segdirfd, fname, 0);
+        }
+    }
+    if (fd < 0)
+        fd = openat(v->segdirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return fail(errno, "creating segment %s: %s", name, strerror(errno));
     uint8_t h[SEG_HDR] = {0};
@@ -211,6 +261,13 @@ static int create_segment(vol *v, uint64_t id)
         return fail(e, "writing segment header %s: %s", name, strerror(e));
     }
     v->segs[id] = (seg_info){.fd = fd, .needs_sync = 1};
+    if (seg_map(v, id) < 0) {
+        int e = errno;
+        close(fd);
+        v->segs[id] = (seg_info){.fd = -1};
+        unlinkat(v->segdirfd, name, 0);
+        return fail(e, "mapping segment %s: %s", name, strerror(e));
+    }
     v->active = id;
     v->active_off = v->written_off = SEG_HDR;
     v->wbase = 0;
@@ -227,6 +284,7 @@ static int rotate(vol *v)
     seg_info *s = &v->segs[v->active];
     uint64_t old = v->active, old_off = v->active_off, old_base = v->wbase;
     size_t old_len = v->wbuf_len;
+    if (ftruncate(s->fd, (off_t)v->active_off) < 0) { /* only a recycled file's stale tail */ }
     s->file_size = v->active_off;
     if (create_segment(v, old + 1) < 0) {
         v->active = old;
@@ -247,6 +305,8 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
     if (v->active_off + reclen > v->p.segment_size && v->active_off > SEG_HDR)
         if (rotate(v) < 0)
             return -1;
+    if (type != R_FLUSH && v->req_first)
+        flags |= F_FIRST;
     uint8_t h[REC_HDR];
     put32(h, REC_MAGIC);
     h[8] = (uint8_t)type;
@@ -305,6 +365,8 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
     }
     v->active_off += reclen;
     v->next_seq++;
+    if (type != R_FLUSH)
+        v->req_first = 0;
     v->since_ckpt += reclen;
     v->segs[v->active].needs_sync = 1;
     if (type == R_WRITE || type == R_RELOC)
@@ -423,18 +485,20 @@ static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
         memcpy(dst, v->wbuf + (off - v->wbase), len);
         return 0;
     }
-    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0)
+    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || !v->segs[seg].map)
         return fail(EIO, "block refers to missing segment %llu", (unsigned long long)seg);
+    seg_info *s = &v->segs[seg];
     if (seg == v->active && off + len > v->wbase) {
-        /* straddles file and buffer */
+        /* straddles file and window: bytes below wbase are in the file */
         size_t a = (size_t)(v->wbase - off);
-        if (full_pread(v->segs[seg].fd, dst, a, off) < 0)
-            return fail(EIO, "reading segment %llu: %s", (unsigned long long)seg, strerror(errno));
+        memcpy(dst, s->map + off, a);
         memcpy((uint8_t *)dst + a, v->wbuf, len - a);
         return 0;
     }
-    if (full_pread(v->segs[seg].fd, dst, len, off) < 0)
-        return fail(EIO, "reading segment %llu: %s", (unsigned long long)seg, strerror(errno));
+    uint64_t limit = seg == v->active ? v->written_off : s->file_size;
+    if (off + len > limit || off + len > s->map_len)
+        return fail(EIO, "block beyond the end of segment %llu (truncated file?)", (unsigned long long)seg);
+    memcpy(dst, s->map + off, len);
     return 0;
 }
 
@@ -578,7 +642,10 @@ int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset)
 
 /* ---------- writes ---------- */
 
-static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, int type, uint32_t gen)
+/* Append [lba, lba+n) as records of one request; more_after: further records of the same
+ * request follow (its last record here then carries MORE too). */
+static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, int type, uint32_t gen,
+                        int more_after)
 {
     uint32_t crcs[MAX_REC_BLOCKS];
     uint64_t done = 0;
@@ -588,7 +655,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
             const uint8_t *src = data + done * BS;
             size_t cl = ZSTD_compressCCtx(v->cctx, v->zbuf, ZSTD_compressBound(MAX_COMP_BLOCKS * BS),
                                           src, (size_t)k * BS, v->p.zstd_level);
-            int more = done + k < n ? F_MORE : 0;
+            int more = (done + k < n || more_after) ? F_MORE : 0;
             uint64_t rec_off, pay;
             if (!ZSTD_isError(cl) && cl < (size_t)k * BS - 512) {
                 uint32_t c = crc32c(v->zbuf, cl);
@@ -615,7 +682,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
         for (uint32_t b = 0; b < k; b++)
             crcs[b] = crc32c(src + (size_t)b * BS, BS);
         uint64_t pay;
-        if (append_record(v, type, done + k < n ? F_MORE : 0, k, lba + done, gen, crcs, k, src,
+        if (append_record(v, type, (done + k < n || more_after) ? F_MORE : 0, k, lba + done, gen, crcs, k, src,
                           k * BS, NULL, &pay) < 0)
             return -1;
         for (uint32_t b = 0; b < k; b++)
@@ -627,10 +694,10 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
     return 0;
 }
 
-static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t offset)
+static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t offset, int more_after)
 {
     if (offset % BS == 0 && count % BS == 0)
-        return write_blocks(v, buf, offset / BS, count / BS, R_WRITE, v->gen);
+        return write_blocks(v, buf, offset / BS, count / BS, R_WRITE, v->gen, more_after);
     /* Unaligned: read-modify-write the partial first and last blocks. */
     uint64_t first = offset / BS, last = (offset + count - 1) / BS;
     uint64_t n = last - first + 1;
@@ -641,7 +708,7 @@ static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t off
     if (n > 1 && read_blocks(v, last, 1, v->scratch + (n - 1) * BS) < 0)
         return -1;
     memcpy(v->scratch + offset % BS, buf, count);
-    return write_blocks(v, v->scratch, first, n, R_WRITE, v->gen);
+    return write_blocks(v, v->scratch, first, n, R_WRITE, v->gen, more_after);
 }
 
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
@@ -650,8 +717,10 @@ int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
         return 0;
     pthread_mutex_lock(&v->lock);
     int r = check_range(v, count, offset);
-    if (r == 0)
-        r = write_locked(v, buf, count, offset);
+    if (r == 0) {
+        v->req_first = 1;
+        r = write_locked(v, buf, count, offset, 0);
+    }
     if (r == 0 && fua)
         r = flush_locked(v);
     pthread_mutex_unlock(&v->lock);
@@ -666,12 +735,13 @@ static int zero_locked(vol *v, uint64_t count, uint64_t offset, int trim)
     if (a >= b) { /* inside one or two partial blocks (count < 2 blocks) */
         if (trim)
             return 0; /* trim is advisory: partial blocks keep their data */
-        return write_locked(v, zeros, count, offset);
+        return write_locked(v, zeros, count, offset, 0);
     }
     if (!trim) {
-        if (offset < a && write_locked(v, zeros, a - offset, offset) < 0)
+        /* the partial edges and the tombstones are one request: all or nothing at recovery */
+        if (offset < a && write_locked(v, zeros, a - offset, offset, 1) < 0)
             return -1;
-        if (b < end && write_locked(v, zeros, end - b, b) < 0)
+        if (b < end && write_locked(v, zeros, end - b, b, 1) < 0)
             return -1;
     }
     uint64_t lba = a / BS, n = (b - a) / BS;
@@ -694,8 +764,10 @@ int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
         return 0;
     pthread_mutex_lock(&v->lock);
     int r = check_range(v, count, offset);
-    if (r == 0)
+    if (r == 0) {
+        v->req_first = 1;
         r = zero_locked(v, count, offset, trim);
+    }
     if (r == 0 && fua)
         r = flush_locked(v);
     pthread_mutex_unlock(&v->lock);
@@ -794,14 +866,8 @@ static void drop_dead_segments(vol *v, uint64_t below)
 {
     for (uint64_t i = 0; i < below && i < v->nsegs_cap; i++) {
         seg_info *s = &v->segs[i];
-        if (s->fd >= 0 && i != v->active && s->live_blocks == 0) {
-            char name[32];
-            seg_name(name, i);
-            close(s->fd);
-            unlinkat(v->segdirfd, name, 0);
-            *s = (seg_info){.fd = -1};
-            v->dir_dirty = 1;
-        }
+        if (s->fd >= 0 && i != v->active && s->live_blocks == 0)
+            seg_retire(v, i, 1);
     }
 }
 
@@ -1124,6 +1190,11 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
     fstat(fd, &st);
     v->segs[id].fd = fd;
     v->segs[id].file_size = (uint64_t)st.st_size;
+    if (seg_map(v, id) < 0) {
+        v->segs[id].fd = -1;
+        close(fd);
+        return -1;
+    }
     out->id = id;
     out->len = (size_t)st.st_size;
     out->d = NULL;
@@ -1141,11 +1212,7 @@ static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
     rep->torn_bytes_dropped += sm->len - pos;
     if (pos <= SEG_HDR) {
         /* nothing valid in it: delete the file */
-        char name[32];
-        seg_name(name, sm->id);
-        close(v->segs[sm->id].fd);
-        v->segs[sm->id] = (seg_info){.fd = -1};
-        unlinkat(v->segdirfd, name, 0);
+        seg_retire(v, sm->id, 0);
         rep->segments_deleted++;
     } else {
         if (ftruncate(v->segs[sm->id].fd, (off_t)pos) < 0)
@@ -1190,12 +1257,15 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
         segmap *s = &sm[si];
         uint8_t *h = s->d;
         if (s->len >= SEG_HDR && get32(h) == SEG_MAGIC && crc32c(h + 8, SEG_HDR - 8) == get32(h + 4) &&
-            (get32(h + 12) != (uint32_t)s->id || memcmp(h + 16, v->p.uuid, 16) != 0)) {
-            r = fail(EIO, "segment %016llx.seg belongs to another volume or was renamed; refusing to open",
+            memcmp(h + 16, v->p.uuid, 16) != 0) {
+            r = fail(EIO, "segment %016llx.seg belongs to another volume; refusing to open",
                      (unsigned long long)s->id);
             goto out_pend;
         }
-        if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4)) {
+        /* a header that never reached the disk, or the old header of a recycled file whose new
+         * one never did: nothing in it was ever synced, unless a durable log follows (damage) */
+        if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4) ||
+            get32(h + 12) != (uint32_t)s->id) {
             /* a segment created but whose header never reached the disk, or a foreign file */
             size_t fsi, fpos;
             if (!find_marker_after(v, sm, nsm, si, SEG_HDR, v->next_seq - 1, &fsi, &fpos) && fsi == nsm) {
@@ -1267,9 +1337,8 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
                 pos += rc.len;
                 continue;
             }
-            if (npend && (pend[npend - 1].r.type != rc.type ||
-                          pend[npend - 1].r.lba + pend[npend - 1].r.nblocks != rc.lba))
-                npend = 0; /* an interrupted request that failed: its records are dropped */
+            if (npend && (rc.flags & F_FIRST))
+                npend = 0; /* a request that failed half-way: its records are dropped */
             if (rc.flags & F_MORE) {
                 if (npend == pend_cap) {
                     pend_cap = pend_cap ? pend_cap * 2 : 16;
@@ -1339,9 +1408,14 @@ static void vol_free(vol *v)
 {
     if (!v)
         return;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+        if (v->segs[i].map)
+            munmap(v->segs[i].map, v->segs[i].map_len);
         if (v->segs[i].fd >= 0)
             close(v->segs[i].fd);
+    }
+    for (int i = 0; i < v->npool; i++)
+        close(v->pool[i].fd);
     free(v->segs);
     blockmap_free(v->head);
     if (v->dirfd >= 0)
@@ -1439,8 +1513,8 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
                 ids = n;
             }
             ids[nids++] = id;
-        } else if (strcmp(de->d_name, "checkpoint.tmp") == 0) {
-            /* unreachable: it lives in voldir */
+        } else if (strlen(de->d_name) == 21 && strcmp(de->d_name + 16, ".free") == 0) {
+            unlinkat(v->segdirfd, de->d_name, 0); /* a recycling pool left by the last owner */
         }
     }
     closedir(dir);
@@ -1467,11 +1541,7 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     /* segments older than the replay start that nothing references: left by the collector */
     for (uint64_t i = 0; i < v->nsegs_cap && i < rseg; i++)
         if (v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
-            char name[32];
-            seg_name(name, i);
-            close(v->segs[i].fd);
-            v->segs[i] = (seg_info){.fd = -1};
-            unlinkat(v->segdirfd, name, 0);
+            seg_retire(v, i, 0);
             rep->segments_deleted++;
         }
     for (uint64_t i = 0; i < v->nsegs_cap; i++)
@@ -1578,6 +1648,7 @@ int vol_gc_segment(vol *v, uint64_t seg)
             if (live) {
                 uint64_t nro, pay;
                 uint32_t c = get32(rc.crcs);
+                v->req_first = 1;
                 if (append_record(v, R_RELOC, F_COMP, rc.nblocks, rc.lba, rc.gen, &c, 1, rc.payload,
                                   rc.plen, &nro, &pay) < 0) {
                     r = -1;
@@ -1608,6 +1679,7 @@ int vol_gc_segment(vol *v, uint64_t seg)
                 uint32_t k = b - s;
                 memcpy(crcs, rc.crcs + 4 * s, 4ull * k);
                 uint64_t pay;
+                v->req_first = 1;
                 if (append_record(v, R_RELOC, 0, k, rc.lba + s, rc.gen, crcs, k,
                                   rc.payload + (size_t)s * BS, k * BS, NULL, &pay) < 0) {
                     r = -1;

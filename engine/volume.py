@@ -36,8 +36,9 @@ FORMAT_VERSION = 1
 BLOCK = 4096
 MAX_SIZE = 16 << 40
 DEFAULT_SEGMENT = 32 << 20
-CHECKPOINT_EVERY = 256 << 20  # bytes of log since the last checkpoint
-GC_RATIO = 1.2  # collect while disk use > GC_RATIO x live data (+ one segment)
+CHECKPOINT_EVERY = 2 << 30  # bytes of log since the last checkpoint (recovery replays ~0.2 s/GiB)
+GC_RATIO = 1.2  # when idle, collect while disk use > GC_RATIO x live data
+GC_BUSY_RATIO = 2.0  # while clients write, collect only above this
 BACKENDS = ("lsfs",)
 
 
@@ -345,7 +346,8 @@ class Volume:
         if self._n.lib.vol_checkpoint(self._v):
             self._raise("checkpoint")
 
-    def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30, batch: int = 8) -> int:
+    def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30, batch: int = 8,
+                drop_dead: bool = True) -> int:
         """Reclaim segments while disk use exceeds ratio x live data; returns segments moved.
         Relocates up to `batch` victims, then one checkpoint makes the moves durable and deletes
         the dead segments (docs/FORMAT.md §7)."""
@@ -360,15 +362,23 @@ class Volume:
             done += 1
             if done % batch == 0:
                 self.checkpoint()
-        if done % batch or self.stats()["dead_segments"]:
+        if done % batch or (drop_dead and self.stats()["dead_segments"]):
             self.checkpoint()
         return done
 
-    def maintain(self) -> None:
-        """One round of background work: checkpoint if the log grew, collect a few segments."""
-        if self.stats()["log_since_checkpoint"] > CHECKPOINT_EVERY:
+    def maintain(self, busy: bool) -> None:
+        """One round of background work. While clients are writing (`busy`) the collector only
+        runs when disk use passes GC_BUSY_RATIO x live data and checkpoints only bound recovery
+        (every CHECKPOINT_EVERY bytes of log): both cost foreground bandwidth (copies, fdatasync).
+        When idle it collects down to GC_RATIO and checkpoints away dead segments."""
+        st = self.stats()
+        if st["log_since_checkpoint"] > CHECKPOINT_EVERY:
             self.checkpoint()
-        self.collect(max_segments=8)
+        if busy:
+            over = st["used_bytes"] > GC_BUSY_RATIO * st["live_blocks"] * BLOCK
+            self.collect(ratio=GC_BUSY_RATIO, max_segments=8, drop_dead=over)
+        else:
+            self.collect(ratio=GC_RATIO, max_segments=8)
 
     def stats(self) -> dict:
         ffi = self._n.ffi

@@ -72,9 +72,12 @@ def get_ready():
 
 
 def _maintain():
+    last_seq = None
     while not _stop.wait(0.5):
         try:
-            _vol.maintain()
+            seq = _vol.stats()["next_seq"]
+            _vol.maintain(busy=seq != last_seq)
+            last_seq = _vol.stats()["next_seq"]  # the collector's own records are not activity
         except BlockrepError as e:
             log.error("background maintenance: %s", e)
         except Exception:  # keep serving; the next round retries
