@@ -42,6 +42,7 @@ int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
 const char *vol_errmsg(void);
 uint32_t crc32c_extend(uint32_t crc, const void *buf, size_t len);
+uint32_t crc32c_extend_sw(uint32_t crc, const void *buf, size_t len);
 """
 
 ffibuilder = FFI()
