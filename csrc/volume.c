@@ -63,6 +63,7 @@ struct vol {
     int dir_dirty;
     int records_since_marker;
     int req_first;            /* the next record appended starts a request (F_FIRST) */
+    uint64_t requests;        /* client requests served (the collector's measure of "busy") */
     uint64_t since_ckpt;
     uint64_t ckpt_size;
     uint64_t corrupt_reads;
@@ -633,6 +634,7 @@ int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset)
     if (count == 0)
         return 0;
     pthread_mutex_lock(&v->lock);
+    v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0)
         r = read_locked(v, buf, count, offset);
@@ -716,6 +718,7 @@ int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
     if (count == 0)
         return 0;
     pthread_mutex_lock(&v->lock);
+    v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0) {
         v->req_first = 1;
@@ -763,6 +766,7 @@ int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
     if (count == 0)
         return 0;
     pthread_mutex_lock(&v->lock);
+    v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0) {
         v->req_first = 1;
@@ -862,19 +866,15 @@ static void wout(wctx *w, const void *p, size_t n)
         w->err = errno ? errno : EIO;
 }
 
-static void drop_dead_segments(vol *v, uint64_t below)
-{
-    for (uint64_t i = 0; i < below && i < v->nsegs_cap; i++) {
-        seg_info *s = &v->segs[i];
-        if (s->fd >= 0 && i != v->active && s->live_blocks == 0)
-            seg_retire(v, i, 1);
-    }
-}
-
 int vol_checkpoint(vol *v)
 {
+    /* Under the lock: write out the window, freeze a clone of the map, note which segments
+     * must be synced (those with live data: the clone references them) and which are already
+     * dead (only those may be deleted after the commit: a segment that dies later is still
+     * referenced by this checkpoint). The fdatasyncs and the write run without the lock, so
+     * requests go on meanwhile. needs_sync flags are left for NBD flushes to clear. */
     pthread_mutex_lock(&v->lock);
-    if (sync_all(v) < 0) {
+    if (flush_wbuf(v) < 0) {
         pthread_mutex_unlock(&v->lock);
         return -1;
     }
@@ -883,23 +883,49 @@ int vol_checkpoint(vol *v)
     for (uint64_t i = 0; i < v->nsegs_cap; i++)
         nsegs += v->segs[i].fd >= 0;
     uint64_t *segtab = malloc((nsegs ? nsegs : 1) * 16);
-    if (!clone || !segtab) {
+    int *syncfds = malloc((nsegs ? nsegs : 1) * sizeof *syncfds);
+    uint64_t *dead = malloc((nsegs ? nsegs : 1) * sizeof *dead);
+    if (!clone || !segtab || !syncfds || !dead) {
         blockmap_free(clone);
         free(segtab);
+        free(syncfds);
+        free(dead);
         pthread_mutex_unlock(&v->lock);
         return fail(ENOMEM, "out of memory for a checkpoint");
     }
-    uint64_t j = 0;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++)
-        if (v->segs[i].fd >= 0) {
-            segtab[2 * j] = i;
-            segtab[2 * j + 1] = v->segs[i].total_blocks;
-            j++;
-        }
+    uint64_t j = 0, nsync = 0, ndead = 0;
+    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+        seg_info *g = &v->segs[i];
+        if (g->fd < 0)
+            continue;
+        segtab[2 * j] = i;
+        segtab[2 * j + 1] = g->total_blocks;
+        j++;
+        if (i != v->active && g->live_blocks == 0)
+            dead[ndead++] = i;
+        else if (g->needs_sync && (syncfds[nsync] = dup(g->fd)) >= 0)
+            nsync++;
+    }
     uint64_t next_seq = v->next_seq, rseg = v->active, roff = v->active_off;
     uint32_t gen = v->gen;
     uint64_t since = v->since_ckpt;
     pthread_mutex_unlock(&v->lock);
+
+    int serr = 0;
+    for (uint64_t i = 0; i < nsync; i++) {
+        if (!serr && fdatasync(syncfds[i]) < 0)
+            serr = errno;
+        close(syncfds[i]);
+    }
+    free(syncfds);
+    if (!serr && fsync(v->segdirfd) < 0)
+        serr = errno;
+    if (serr) {
+        blockmap_free(clone);
+        free(segtab);
+        free(dead);
+        return fail(serr, "syncing segments for a checkpoint: %s", strerror(serr));
+    }
 
     int fd = openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     int err = 0;
@@ -957,14 +983,18 @@ int vol_checkpoint(vol *v)
     blockmap_free(clone);
     free(segtab);
     if (err) {
+        free(dead);
         unlinkat(v->dirfd, "checkpoint.tmp", 0);
         return fail(err, "writing checkpoint: %s", strerror(err));
     }
     pthread_mutex_lock(&v->lock);
     v->since_ckpt -= since;
     v->ckpt_size = size;
-    drop_dead_segments(v, rseg);
+    for (uint64_t i = 0; i < ndead; i++) /* dead when frozen: no checkpoint needs them now */
+        if (dead[i] < v->nsegs_cap && v->segs[dead[i]].fd >= 0 && v->segs[dead[i]].live_blocks == 0)
+            seg_retire(v, dead[i], 1);
     pthread_mutex_unlock(&v->lock);
+    free(dead);
     return 0;
 }
 
@@ -1703,7 +1733,7 @@ int vol_gc_segment(vol *v, uint64_t seg)
     if (r < 0)
         return -1;
     /* The segment is now dead; the next checkpoint makes the relocated copies the ones
-     * recovery knows and only then deletes it (drop_dead_segments). */
+     * recovery knows, and it deletes segments that were already dead when it froze the map. */
     pthread_mutex_lock(&v->lock);
     v->gc_segments++;
     pthread_mutex_unlock(&v->lock);
@@ -1737,6 +1767,7 @@ int vol_get_stats(vol *v, vol_stats *s)
     s->active_segment = v->active;
     s->gc_segments = v->gc_segments;
     s->gc_bytes_moved = v->gc_bytes_moved;
+    s->requests = v->requests;
     pthread_mutex_unlock(&v->lock);
     return 0;
 }

@@ -56,6 +56,7 @@ typedef struct vol_stats {
     uint64_t gc_bytes_moved;
     uint64_t stored_data_bytes;  /* bytes of payload written into live segments (compressed size) */
     uint64_t dead_segments;      /* sealed segments with no live block: deleted by the next checkpoint */
+    uint64_t requests;           /* read/write/zero/trim requests served since open */
 } vol_stats;
 
 #define VOL_EXTENT_DATA 0

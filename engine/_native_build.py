@@ -26,7 +26,7 @@ typedef struct vol_stats {
     uint64_t size; uint64_t used_bytes; uint64_t live_blocks; uint64_t segments; uint64_t gen;
     uint64_t next_seq; uint64_t log_since_checkpoint; uint64_t corrupt_reads; uint64_t map_bytes;
     uint64_t active_segment; uint64_t gc_segments; uint64_t gc_bytes_moved;
-    uint64_t stored_data_bytes; uint64_t dead_segments;
+    uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests;
 } vol_stats;
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);

@@ -72,12 +72,12 @@ def get_ready():
 
 
 def _maintain():
-    last_seq = None
+    last = None
     while not _stop.wait(0.5):
         try:
-            seq = _vol.stats()["next_seq"]
-            _vol.maintain(busy=seq != last_seq)
-            last_seq = _vol.stats()["next_seq"]  # the collector's own records are not activity
+            requests = _vol.stats()["requests"]
+            _vol.maintain(busy=requests != last)
+            last = requests
         except BlockrepError as e:
             log.error("background maintenance: %s", e)
         except Exception:  # keep serving; the next round retries
