@@ -79,11 +79,11 @@ struct vol {
      * segments, so appends overwrite page-cache pages and disk blocks already allocated
      * (as PostgreSQL recycles WAL files). Stale records in them have older sequence numbers,
      * which recovery never accepts (FORMAT.md §3). */
-    struct { int fd; uint64_t old_id; } pool[4];
+    struct { int fd; uint64_t old_id; uint64_t size; } pool[64];
     int npool;
 };
 
-#define POOL_MAX 4
+#define POOL_MAX 64
 
 static __thread char errbuf[512];
 
@@ -214,6 +214,7 @@ static void seg_retire(vol *v, uint64_t id, int recycle)
         if (renameat(v->segdirfd, name, v->segdirfd, fname) == 0) {
             v->pool[v->npool].fd = s->fd;
             v->pool[v->npool].old_id = id;
+            v->pool[v->npool].size = s->file_size;
             v->npool++;
             *s = (seg_info){.fd = -1};
             v->dir_dirty = 1;
@@ -224,6 +225,21 @@ static void seg_retire(vol *v, uint64_t id, int recycle)
     unlinkat(v->segdirfd, name, 0);
     *s = (seg_info){.fd = -1};
     v->dir_dirty = 1;
+}
+
+int vol_pool_trim(vol *v, int keep)
+{
+    pthread_mutex_lock(&v->lock);
+    while (v->npool > keep) {
+        char fname[32];
+        v->npool--;
+        snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)v->pool[v->npool].old_id);
+        close(v->pool[v->npool].fd);
+        unlinkat(v->segdirfd, fname, 0);
+        v->dir_dirty = 1;
+    }
+    pthread_mutex_unlock(&v->lock);
+    return 0;
 }
 
 static int create_segment(vol *v, uint64_t id)
@@ -1759,6 +1775,9 @@ int vol_get_stats(vol *v, vol_stats *s)
             s->stored_data_bytes += (uint64_t)((double)fsz * g->live_blocks / g->total_blocks);
     }
     s->used_bytes += v->ckpt_size;
+    for (int i = 0; i < v->npool; i++)
+        s->used_bytes += v->pool[i].size;
+    s->pool_files = (uint64_t)v->npool;
     s->gen = v->gen;
     s->next_seq = v->next_seq;
     s->log_since_checkpoint = v->since_ckpt;

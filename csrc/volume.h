@@ -57,6 +57,7 @@ typedef struct vol_stats {
     uint64_t stored_data_bytes;  /* bytes of payload written into live segments (compressed size) */
     uint64_t dead_segments;      /* sealed segments with no live block: deleted by the next checkpoint */
     uint64_t requests;           /* read/write/zero/trim requests served since open */
+    uint64_t pool_files;         /* recycled segment files waiting for reuse (counted in used_bytes) */
 } vol_stats;
 
 #define VOL_EXTENT_DATA 0
@@ -79,6 +80,8 @@ int64_t vol_gc_pick(vol *v, double ratio);
  * generation). The segment is then dead and the next vol_checkpoint deletes it. */
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
+/* Unlink recycled segment files beyond `keep` (idle: give the disk space back). */
+int vol_pool_trim(vol *v, int keep);
 const char *vol_errmsg(void);
 
 #endif

@@ -26,7 +26,7 @@ typedef struct vol_stats {
     uint64_t size; uint64_t used_bytes; uint64_t live_blocks; uint64_t segments; uint64_t gen;
     uint64_t next_seq; uint64_t log_since_checkpoint; uint64_t corrupt_reads; uint64_t map_bytes;
     uint64_t active_segment; uint64_t gc_segments; uint64_t gc_bytes_moved;
-    uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests;
+    uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests; uint64_t pool_files;
 } vol_stats;
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);
@@ -40,6 +40,7 @@ int vol_checkpoint(vol *v);
 int64_t vol_gc_pick(vol *v, double ratio);
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
+int vol_pool_trim(vol *v, int keep);
 const char *vol_errmsg(void);
 uint32_t crc32c_extend(uint32_t crc, const void *buf, size_t len);
 uint32_t crc32c_extend_sw(uint32_t crc, const void *buf, size_t len);

@@ -39,6 +39,7 @@ DEFAULT_SEGMENT = 32 << 20
 CHECKPOINT_EVERY = 2 << 30  # bytes of log since the last checkpoint (recovery replays ~0.2 s/GiB)
 GC_RATIO = 1.2  # when idle, collect while disk use > GC_RATIO x live data
 GC_BUSY_RATIO = 2.0  # while clients write, collect only above this
+POOL_IDLE = 4  # recycled segment files kept when idle (up to 64 while busy)
 BACKENDS = ("lsfs",)
 
 
@@ -347,8 +348,9 @@ class Volume:
             self._raise("checkpoint")
 
     def collect(self, ratio: float = GC_RATIO, max_segments: int = 1 << 30, batch: int = 8,
-                drop_dead: bool = True) -> int:
+                drop_dead: bool = True, trim_pool: bool = True) -> int:
         """Reclaim segments while disk use exceeds ratio x live data; returns segments moved.
+        trim_pool gives recycled segment files beyond POOL_IDLE back to the filesystem.
         Relocates up to `batch` victims, then one checkpoint makes the moves durable and deletes
         the dead segments (docs/FORMAT.md §7)."""
         lib = self._n.lib
@@ -364,6 +366,10 @@ class Volume:
                 self.checkpoint()
         if done % batch or (drop_dead and self.stats()["dead_segments"]):
             self.checkpoint()
+        if trim_pool:  # keep a few files for reuse, never more than a tenth of live data
+            st = self.stats()
+            keep = min(POOL_IDLE, int(0.1 * st["live_blocks"] * BLOCK) // self.params.segment_size)
+            lib.vol_pool_trim(self._v, keep)
         return done
 
     def maintain(self, busy: bool) -> None:
@@ -376,7 +382,7 @@ class Volume:
             self.checkpoint()
         if busy:
             over = st["used_bytes"] > GC_BUSY_RATIO * st["live_blocks"] * BLOCK
-            self.collect(ratio=GC_BUSY_RATIO, max_segments=8, drop_dead=over)
+            self.collect(ratio=GC_BUSY_RATIO, max_segments=8, drop_dead=over, trim_pool=False)
         else:
             self.collect(ratio=GC_RATIO, max_segments=8)
 
