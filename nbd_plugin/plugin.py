@@ -29,6 +29,12 @@ API_VERSION = 2
 
 _path = None
 _vol = None
+_THREAD_MODELS = {
+    "serialize_all_requests": nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS,
+    "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
+    "parallel": nbdkit.THREAD_MODEL_PARALLEL,
+}
+_thread_model = "serialize_all_requests"
 _stop = threading.Event()
 _worker = None
 log = logging.getLogger("blockrep.server")
@@ -39,16 +45,20 @@ _FUA = nbdkit.FLAG_FUA
 
 
 def config(key, value):
-    global _path
+    global _path, _thread_model
     if key == "volume":
         _path = os.path.abspath(value)
+    elif key == "thread_model":  # for measurements (bench/); the default was measured fastest
+        if value not in _THREAD_MODELS:
+            raise RuntimeError(f"thread_model must be one of {', '.join(_THREAD_MODELS)}")
+        _thread_model = value
     elif key == "logfile":
         h = logging.FileHandler(os.path.abspath(value))
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger("blockrep").addHandler(h)
         logging.getLogger("blockrep").setLevel(logging.INFO)
     else:
-        raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH])")
+        raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…])")
 
 
 def config_complete():
@@ -57,7 +67,7 @@ def config_complete():
 
 
 def thread_model():
-    return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    return _THREAD_MODELS[_thread_model]
 
 
 def get_ready():
