@@ -1340,6 +1340,7 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
                     if (npend) {
                         cut_si = pend[0].si;
                         cut_pos = pend[0].pos;
+                        v->next_seq = pend[0].r.seq; /* new records continue from the cut */
                         npend = 0;
                     }
                     for (size_t k = cut_si; k < nsm; k++)
@@ -1409,6 +1410,7 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
     }
     if (npend) { /* the log ends inside a request: it was never acknowledged */
         size_t cut_si = pend[0].si, cut_pos = pend[0].pos;
+        v->next_seq = pend[0].r.seq;
         for (size_t k = cut_si; k < nsm; k++)
             if (truncate_seg(v, &sm[k], k == cut_si ? cut_pos : SEG_HDR, rep) < 0) { r = -1; goto out_pend; }
     }

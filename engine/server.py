@@ -222,12 +222,13 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
         raise ServerError(_nbdkit_error(r.stderr.decode(errors="replace")))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready = tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1]) if hp \
-            else socket_accepts(sock)
+        # nbdkit binds the socket before it forks and writes its pid file after: wait for both,
+        # so that `stop` (and scripts) find the daemon as soon as `serve` returns
+        pid = running_pid(vol)
+        ready = pid and (tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1])
+                         if hp else socket_accepts(sock))
         if ready:
             return uri
-        if read_pid(vol) and not running_pid(vol):
-            break
         time.sleep(0.02)
     raise ServerError(f"server for {vol} did not start accepting connections (see {vol}/server.log)")
 

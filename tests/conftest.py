@@ -123,7 +123,7 @@ class Server:
         self._handles: list = []
 
     # ---- volume ----
-    def create(self, size: str | int = "64M", *create_args) -> "Server":
+    def create(self, size: str | int = "64M", *create_args) -> Server:
         run_blockrep("create", self.vol, "--size", size, *create_args, check=True)
         return self
 
@@ -149,7 +149,7 @@ class Server:
     def running(self) -> bool:
         return self.pid is not None
 
-    def start(self, *extra) -> "Server":
+    def start(self, *extra) -> Server:
         args = ["serve", self.vol, *self.serve_args, *extra]
         if self.sock != self.vol / "nbd.sock" and "--socket" not in args:
             args += ["--socket", self.sock]
@@ -182,7 +182,7 @@ class Server:
         self.close_handles()
         return pid
 
-    def restart(self) -> "Server":
+    def restart(self) -> Server:
         if self.running:
             self.stop()
         return self.start()

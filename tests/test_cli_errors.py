@@ -32,7 +32,7 @@ def assert_fails_cleanly(args, *watch, code=None) -> str:
     assert lines[0].startswith(ERROR_PREFIX), lines
     assert len(lines[0]) > len(ERROR_PREFIX) + 5, "the error line must say what is wrong"
     assert r.stdout == "", f"a failing command printed to stdout: {r.stdout!r}"
-    for w, b, a in zip(watch, before, after):
+    for w, b, a in zip(watch, before, after, strict=True):
         assert a == b, f"{w} changed: before {b} after {a}"
     return lines[0]
 
