@@ -34,21 +34,25 @@ blockmap *blockmap_clone(const blockmap *m)
             c->mid[i]->refs++;
     }
     c->nleaves = m->nleaves;
+    c->hooks = m->hooks;
     return c;
 }
 
-static void leaf_put(bm_leaf *l)
+static void leaf_put(const bm_hooks *hk, bm_leaf *l)
 {
-    if (l && --l->refs == 0)
+    if (l && --l->refs == 0) {
+        if (hk)
+            hk->leaf(hk->ctx, l, -1);
         free(l);
+    }
 }
 
-static void mid_put(bm_mid *md)
+static void mid_put(const bm_hooks *hk, bm_mid *md)
 {
     if (!md || --md->refs)
         return;
     for (unsigned i = 0; i < BM_MID_ENTRIES; i++)
-        leaf_put(md->leaf[i]);
+        leaf_put(hk, md->leaf[i]);
     free(md);
 }
 
@@ -57,7 +61,7 @@ void blockmap_free(blockmap *m)
     if (!m)
         return;
     for (uint64_t i = 0; i < m->nmids; i++)
-        mid_put(m->mid[i]);
+        mid_put(m->hooks, m->mid[i]);
     free(m->mid);
     free(m);
 }
@@ -138,6 +142,8 @@ static bm_leaf *writable_leaf(blockmap *m, uint64_t lba)
         c->refs = 1;
         l->refs--;
         md->leaf[li] = l = c;
+        if (m->hooks)
+            m->hooks->leaf(m->hooks->ctx, c, +1);
     }
     return l;
 nomem:
@@ -176,6 +182,58 @@ int blockmap_put_leaf(blockmap *m, uint64_t li, const bm_entry *entries)
     bm_mid *md = m->mid[li >> BM_MID_SHIFT];
     if (g > md->maxgen)
         md->maxgen = g;
+    return 0;
+}
+
+bm_leaf *blockmap_leaf_new(const bm_entry *entries)
+{
+    bm_leaf *l = malloc(sizeof *l);
+    if (!l) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    l->refs = 0;
+    memcpy(l->e, entries, sizeof l->e);
+    l->maxgen = 0;
+    for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++)
+        if (entries[i].gen > l->maxgen)
+            l->maxgen = entries[i].gen;
+    return l;
+}
+
+void blockmap_leaf_discard(bm_leaf *l)
+{
+    if (l && l->refs == 0)
+        free(l);
+}
+
+int blockmap_attach_leaf(blockmap *m, uint64_t li, bm_leaf *l)
+{
+    uint64_t mi = li >> BM_MID_SHIFT;
+    if (mi >= m->nmids) {
+        errno = EINVAL;
+        return -1;
+    }
+    bm_mid *md = m->mid[mi];
+    if (!md) {
+        md = calloc(1, sizeof *md);
+        if (!md) {
+            errno = ENOMEM;
+            return -1;
+        }
+        md->refs = 1;
+        m->mid[mi] = md;
+    }
+    bm_leaf **slot = &md->leaf[li & (BM_MID_ENTRIES - 1)];
+    if (*slot) {
+        errno = EEXIST;
+        return -1;
+    }
+    *slot = l;
+    l->refs++;
+    m->nleaves++;
+    if (l->maxgen > md->maxgen)
+        md->maxgen = l->maxgen;
     return 0;
 }
 

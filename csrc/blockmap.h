@@ -53,11 +53,20 @@ typedef struct bm_mid {
     bm_leaf *leaf[BM_MID_ENTRIES];
 } bm_mid;
 
+/* Called when a leaf starts to exist as a distinct copy (+1: a copy made on write, or a new
+ * leaf) or stops existing (-1: its last reference dropped), so that the owner can count, per
+ * segment, the distinct entries that reference it (what the collector must keep). */
+typedef struct bm_hooks {
+    void (*leaf)(void *ctx, const bm_leaf *l, int delta);
+    void *ctx;
+} bm_hooks;
+
 typedef struct blockmap {
     uint64_t nblocks;
     uint64_t nmids;
     bm_mid **mid;
     uint64_t nleaves; /* allocated leaves reachable from this map (memory accounting) */
+    const bm_hooks *hooks; /* may be NULL; inherited by clones */
 } blockmap;
 
 blockmap *blockmap_new(uint64_t nblocks);   /* NULL + ENOMEM */
@@ -75,6 +84,13 @@ const bm_leaf *blockmap_leaf(const blockmap *m, uint64_t li);
 
 /* Install a whole leaf's entries (loading a checkpoint). */
 int blockmap_put_leaf(blockmap *m, uint64_t li, const bm_entry *entries);
+
+/* A new unattached leaf holding these entries (refs 0), and attaching one to a map at leaf
+ * index li (refs + 1): how a checkpoint's shared leaves are shared again after loading. */
+bm_leaf *blockmap_leaf_new(const bm_entry *entries);
+int blockmap_attach_leaf(blockmap *m, uint64_t li, bm_leaf *l);
+/* Drop a leaf made by blockmap_leaf_new that no map took (refs 0). */
+void blockmap_leaf_discard(bm_leaf *l);
 
 /* Next leaf index >= li that is present (skipping absent mids/leaves); returns UINT64_MAX if none. */
 uint64_t blockmap_next_leaf(const blockmap *m, uint64_t li);

@@ -26,11 +26,14 @@
 #define SEG_MAGIC 0x47535242u
 #define REC_MAGIC 0x43525242u
 #define CKPT_MAGIC 0x4b435242u
+#define CKPT_VERSION 2u
 #define MAX_REC_BLOCKS 1024u
 #define MAX_COMP_BLOCKS 16u
 #define MAX_TOMB_BLOCKS (1u << 30)
 
-enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5 };
+enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5, R_SNAP = 6, R_SNAPDEL = 7 };
+#define SNAP_PAYLOAD 96u
+#define SNAPDEL_PAYLOAD 8u
 enum { F_COMP = 1, F_MORE = 2, F_FIRST = 4 };
 
 typedef struct seg_info {
@@ -43,8 +46,19 @@ typedef struct seg_info {
     uint64_t file_size;   /* for sealed segments; active: v->active_off */
 } seg_info;
 
+typedef struct snap {
+    uint32_t id;       /* > 0; 0 names the head in the API */
+    uint32_t gen;      /* every entry of its map has gen <= this */
+    uint64_t created;  /* unix time, ns */
+    char name[VOL_SNAP_NAME_MAX + 1];
+    blockmap *map;     /* a frozen clone of the head: never changed, except relocations */
+} snap;
+
 struct vol {
     pthread_mutex_t lock;
+    bm_hooks hooks;           /* keeps segs[].live_blocks = distinct entries referencing each */
+    snap *snaps;              /* ordered by gen (creation) */
+    uint32_t nsnaps, snaps_cap, next_snap_id;
     int dirfd, segdirfd;
     vol_params p;
     uint64_t nblocks;
@@ -436,6 +450,44 @@ static int flush_locked(vol *v)
 
 /* ---------- map updates and live accounting ---------- */
 
+static void live_hook(void *ctx, const bm_leaf *l, int delta)
+{
+    vol *v = ctx;
+    for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
+        unsigned k = bm_kind(l->e[i].loc);
+        if (k != BM_DATA && k != BM_COMP)
+            continue;
+        uint64_t s = bm_seg(l->e[i].loc);
+        if (s >= v->nsegs_cap)
+            continue;
+        if (delta > 0)
+            v->segs[s].live_blocks++;
+        else if (v->segs[s].live_blocks)
+            v->segs[s].live_blocks--;
+    }
+}
+
+static snap *snap_find(vol *v, uint32_t id)
+{
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        if (v->snaps[i].id == id)
+            return &v->snaps[i];
+    return NULL;
+}
+
+/* The map behind an API id: 0 = the head, else a snapshot. NULL + ENOENT if none. */
+static blockmap *map_of(vol *v, uint32_t id)
+{
+    if (id == 0)
+        return v->head;
+    snap *sn = snap_find(v, id);
+    if (!sn) {
+        fail(ENOENT, "no snapshot with id %u", id);
+        return NULL;
+    }
+    return sn->map;
+}
+
 static void unref_old(vol *v, bm_entry old)
 {
     unsigned k = bm_kind(old.loc);
@@ -553,18 +605,18 @@ static int read_compressed(vol *v, bm_entry e, uint8_t *dst)
 }
 
 /* Read whole blocks [lba, lba+n) into dst, coalescing runs that are contiguous on disk. */
-static int read_blocks(vol *v, uint64_t lba, uint64_t n, uint8_t *dst)
+static int read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint8_t *dst)
 {
     uint64_t i = 0;
     while (i < n) {
-        bm_entry e = blockmap_get(v->head, lba + i);
+        bm_entry e = blockmap_get(map, lba + i);
         unsigned k = bm_kind(e.loc);
         if (k == BM_DATA) {
             uint64_t seg = bm_seg(e.loc), off = bm_off(e.loc);
             int buffered = in_wbuf(v, seg, off);
             uint64_t j = i + 1;
             while (j < n) {
-                bm_entry f = blockmap_get(v->head, lba + j);
+                bm_entry f = blockmap_get(map, lba + j);
                 if (bm_kind(f.loc) != BM_DATA || bm_seg(f.loc) != seg ||
                     bm_off(f.loc) != off + (j - i) * BS || in_wbuf(v, seg, bm_off(f.loc)) != buffered)
                     break;
@@ -573,7 +625,7 @@ static int read_blocks(vol *v, uint64_t lba, uint64_t n, uint8_t *dst)
             if (read_bytes(v, seg, off, dst + i * BS, (size_t)(j - i) * BS) < 0)
                 return -1;
             for (uint64_t b = i; b < j; b++) {
-                bm_entry f = b == i ? e : blockmap_get(v->head, lba + b);
+                bm_entry f = b == i ? e : blockmap_get(map, lba + b);
                 if (crc32c(dst + b * BS, BS) != f.crc) {
                     v->corrupt_reads++;
                     return fail(EIO, "checksum mismatch for block %llu (segment %llu)",
@@ -614,16 +666,16 @@ static int check_range(vol *v, uint64_t count, uint64_t offset)
     return 0;
 }
 
-static int read_locked(vol *v, uint8_t *buf, uint64_t count, uint64_t offset)
+static int read_locked(vol *v, const blockmap *map, uint8_t *buf, uint64_t count, uint64_t offset)
 {
     uint64_t first = offset / BS, last = (offset + count - 1) / BS;
     if (offset % BS == 0 && count % BS == 0)
-        return read_blocks(v, first, count / BS, buf);
+        return read_blocks(v, map, first, count / BS, buf);
     uint8_t tmp[BS];
     uint64_t pos = offset, end = offset + count;
     /* head partial block */
     if (pos % BS) {
-        if (read_blocks(v, first, 1, tmp) < 0)
+        if (read_blocks(v, map, first, 1, tmp) < 0)
             return -1;
         uint64_t take = BS - pos % BS;
         if (take > count)
@@ -633,12 +685,12 @@ static int read_locked(vol *v, uint8_t *buf, uint64_t count, uint64_t offset)
     }
     uint64_t mid_end = end - end % BS;
     if (pos < mid_end) {
-        if (read_blocks(v, pos / BS, (mid_end - pos) / BS, buf + (pos - offset)) < 0)
+        if (read_blocks(v, map, pos / BS, (mid_end - pos) / BS, buf + (pos - offset)) < 0)
             return -1;
         pos = mid_end;
     }
     if (pos < end) {
-        if (read_blocks(v, last, 1, tmp) < 0)
+        if (read_blocks(v, map, last, 1, tmp) < 0)
             return -1;
         memcpy(buf + (pos - offset), tmp, end - pos);
     }
@@ -653,7 +705,21 @@ int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset)
     v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0)
-        r = read_locked(v, buf, count, offset);
+        r = read_locked(v, v->head, buf, count, offset);
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+int vol_snap_read(vol *v, uint32_t id, void *buf, uint64_t count, uint64_t offset)
+{
+    if (count == 0)
+        return 0;
+    pthread_mutex_lock(&v->lock);
+    v->requests++;
+    const blockmap *map = map_of(v, id);
+    int r = map ? check_range(v, count, offset) : -1;
+    if (r == 0)
+        r = read_locked(v, map, buf, count, offset);
     pthread_mutex_unlock(&v->lock);
     return r;
 }
@@ -721,9 +787,9 @@ static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t off
     uint64_t n = last - first + 1;
     if (scratch(v, n * BS) < 0)
         return -1;
-    if (read_blocks(v, first, 1, v->scratch) < 0)
+    if (read_blocks(v, v->head, first, 1, v->scratch) < 0)
         return -1;
-    if (n > 1 && read_blocks(v, last, 1, v->scratch + (n - 1) * BS) < 0)
+    if (n > 1 && read_blocks(v, v->head, last, 1, v->scratch + (n - 1) * BS) < 0)
         return -1;
     memcpy(v->scratch + offset % BS, buf, count);
     return write_blocks(v, v->scratch, first, n, R_WRITE, v->gen, more_after);
@@ -804,10 +870,16 @@ int vol_flush(vol *v)
 
 int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max)
 {
+    return vol_snap_extents(v, 0, count, offset, out, max);
+}
+
+int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint64_t *out, int max)
+{
     if (count == 0 || max <= 0)
         return 0;
     pthread_mutex_lock(&v->lock);
-    if (check_range(v, count, offset) < 0) {
+    const blockmap *map = map_of(v, id);
+    if (!map || check_range(v, count, offset) < 0) {
         pthread_mutex_unlock(&v->lock);
         return -1;
     }
@@ -817,10 +889,10 @@ int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max)
     int run_type = -1;
     while (lba < end) {
         uint64_t li = lba >> BM_LEAF_SHIFT;
-        const bm_leaf *l = blockmap_leaf(v->head, li);
+        const bm_leaf *l = blockmap_leaf(map, li);
         uint64_t leaf_end = (li + 1) << BM_LEAF_SHIFT;
         if (!l) {
-            uint64_t nl = blockmap_next_leaf(v->head, li);
+            uint64_t nl = blockmap_next_leaf(map, li);
             uint64_t skip_to = nl == UINT64_MAX ? end : nl << BM_LEAF_SHIFT;
             if (skip_to > end)
                 skip_to = end;
@@ -865,6 +937,298 @@ done:
     return n;
 }
 
+/* A set of leaf pointers (open addressing), to visit each distinct leaf once and to number
+ * leaves in a checkpoint. */
+typedef struct leafset {
+    const bm_leaf **keys;
+    uint32_t *vals;
+    size_t cap, n;
+} leafset;
+
+static size_t leafset_slot(const leafset *ls, const bm_leaf *l)
+{
+    size_t h = ((uintptr_t)l >> 4) * 0x9E3779B97F4A7C15ull;
+    size_t i = h & (ls->cap - 1);
+    while (ls->keys[i] && ls->keys[i] != l)
+        i = (i + 1) & (ls->cap - 1);
+    return i;
+}
+
+static int leafset_init(leafset *ls, size_t expect)
+{
+    ls->cap = 64;
+    while (ls->cap < expect * 2 + 2)
+        ls->cap *= 2;
+    ls->n = 0;
+    ls->keys = calloc(ls->cap, sizeof *ls->keys);
+    ls->vals = calloc(ls->cap, sizeof *ls->vals);
+    if (!ls->keys || !ls->vals) {
+        free(ls->keys);
+        free(ls->vals);
+        return fail(ENOMEM, "out of memory");
+    }
+    return 0;
+}
+
+/* Insert l; returns 1 if it was new (its value = its insertion number in *val). */
+static int leafset_add(leafset *ls, const bm_leaf *l, uint32_t *val)
+{
+    size_t i = leafset_slot(ls, l);
+    if (ls->keys[i]) {
+        *val = ls->vals[i];
+        return 0;
+    }
+    ls->keys[i] = l;
+    ls->vals[i] = (uint32_t)ls->n++;
+    *val = ls->vals[i];
+    return 1;
+}
+
+static void leafset_free(leafset *ls)
+{
+    free(ls->keys);
+    free(ls->vals);
+}
+
+/* ---------- snapshots ---------- */
+
+/* Add a snapshot with this map (taken over), or a clone of the head when map is NULL. */
+static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const char *name, blockmap *map)
+{
+    if (v->nsnaps == v->snaps_cap) {
+        uint32_t cap = v->snaps_cap ? v->snaps_cap * 2 : 16;
+        snap *n = realloc(v->snaps, cap * sizeof *n);
+        if (!n)
+            return fail(ENOMEM, "out of memory for snapshots");
+        v->snaps = n;
+        v->snaps_cap = cap;
+    }
+    blockmap *clone = map ? map : blockmap_clone(v->head);
+    if (!clone)
+        return fail(ENOMEM, "out of memory for a snapshot");
+    snap *sn = &v->snaps[v->nsnaps++];
+    sn->id = id;
+    sn->gen = gen;
+    sn->created = created;
+    snprintf(sn->name, sizeof sn->name, "%s", name);
+    sn->map = clone;
+    if (id >= v->next_snap_id)
+        v->next_snap_id = id + 1;
+    return 0;
+}
+
+/* Drop a snapshot's map: leaves only it held are freed (the hook un-counts them). */
+static void snap_remove(vol *v, uint32_t id)
+{
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        if (v->snaps[i].id == id) {
+            blockmap_free(v->snaps[i].map);
+            memmove(&v->snaps[i], &v->snaps[i + 1], (v->nsnaps - i - 1) * sizeof *v->snaps);
+            v->nsnaps--;
+            return;
+        }
+}
+
+static int append_snap_record(vol *v, int type, const uint8_t *payload, uint32_t plen, uint32_t gen)
+{
+    uint32_t c = crc32c(payload, plen);
+    v->req_first = 1;
+    return append_record(v, type, 0, 0, 0, gen, &c, 1, payload, plen, NULL, NULL);
+}
+
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out)
+{
+    size_t nl = strlen(name);
+    if (nl == 0 || nl > VOL_SNAP_NAME_MAX)
+        return fail(EINVAL, "snapshot name must be 1 to %d characters", VOL_SNAP_NAME_MAX);
+    pthread_mutex_lock(&v->lock);
+    int r = -1;
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        if (strcmp(v->snaps[i].name, name) == 0) {
+            fail(EEXIST, "a snapshot named %s already exists", name);
+            goto out;
+        }
+    uint32_t id = v->next_snap_id, gen = v->gen;
+    uint8_t p[SNAP_PAYLOAD] = {0};
+    put32(p, id);
+    put32(p + 4, gen);
+    put64(p + 8, created_ns);
+    put32(p + 16, (uint32_t)nl);
+    memcpy(p + 20, name, nl);
+    /* The record first: if it cannot be written, nothing changed. Then the clone, the new
+     * epoch, and a flush, so the snapshot (and every write acknowledged before it) is durable
+     * when this returns. */
+    if (append_snap_record(v, R_SNAP, p, SNAP_PAYLOAD, gen) < 0)
+        goto out;
+    if (snap_add(v, id, gen, created_ns, name, NULL) < 0)
+        goto out;
+    v->snaps[v->nsnaps - 1].map->hooks = &v->hooks;
+    v->gen = gen + 1;
+    if (flush_locked(v) < 0)
+        goto out;
+    *id_out = id;
+    r = 0;
+out:
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+int vol_snap_delete(vol *v, uint32_t id)
+{
+    pthread_mutex_lock(&v->lock);
+    int r = -1;
+    if (!snap_find(v, id)) {
+        fail(ENOENT, "no snapshot with id %u", id);
+        goto out;
+    }
+    uint8_t p[SNAPDEL_PAYLOAD] = {0};
+    put32(p, id);
+    if (append_snap_record(v, R_SNAPDEL, p, SNAPDEL_PAYLOAD, v->gen) < 0)
+        goto out;
+    snap_remove(v, id);
+    r = flush_locked(v);
+out:
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
+int vol_snap_list(vol *v, vol_snap_info *out, int max)
+{
+    pthread_mutex_lock(&v->lock);
+    int n = 0;
+    for (uint32_t i = 0; i < v->nsnaps && n < max; i++, n++) {
+        out[n].id = v->snaps[i].id;
+        out[n].gen = v->snaps[i].gen;
+        out[n].created = v->snaps[i].created;
+        memcpy(out[n].name, v->snaps[i].name, sizeof out[n].name);
+    }
+    int total = (int)v->nsnaps;
+    pthread_mutex_unlock(&v->lock);
+    return total;
+}
+
+/* Changed extents between two maps: every block whose entry in `to` has a generation newer than
+ * `from` (a snapshot, or from_id = VOL_SNAP_NONE for "since the volume was created"), coalesced
+ * at gran bytes, starting at *pos; fills out[2*i] = offset, out[2*i+1] = length and advances *pos
+ * to where it stopped (the volume size when done). The per-leaf maximum generation skips
+ * leaves that cannot hold a change, so the cost follows the changes, not the volume size. */
+int vol_diff(vol *v, uint32_t from_id, uint32_t to_id, uint64_t gran, uint64_t *pos, uint64_t *out, int max)
+{
+    if (gran < BS || (gran & (gran - 1)) || max <= 0)
+        return fail(EINVAL, "granularity must be a power of two >= 4096");
+    pthread_mutex_lock(&v->lock);
+    int n = -1;
+    uint32_t from_gen = 0, to_gen;
+    if (from_id != VOL_SNAP_NONE) {
+        snap *f = snap_find(v, from_id);
+        if (!f) {
+            fail(ENOENT, "no snapshot with id %u", from_id);
+            goto out;
+        }
+        from_gen = f->gen;
+    }
+    const blockmap *map = map_of(v, to_id);
+    if (!map)
+        goto out;
+    to_gen = to_id ? snap_find(v, to_id)->gen : v->gen;
+    if (from_gen > to_gen) {
+        fail(EINVAL, "the first snapshot must be older than the second");
+        goto out;
+    }
+    n = 0;
+    uint64_t gb = gran / BS; /* blocks per granule */
+    uint64_t lba = *pos / BS, end = v->nblocks;
+    uint64_t run_s = 0, run_e = 0; /* current run in granules [s, e) */
+    int have = 0;
+    while (lba < end) {
+        uint64_t li = lba >> BM_LEAF_SHIFT;
+        const bm_leaf *l = blockmap_leaf(map, li);
+        if (!l || l->maxgen <= from_gen) {
+            uint64_t nl = blockmap_next_leaf(map, li + 1);
+            lba = nl == UINT64_MAX ? end : nl << BM_LEAF_SHIFT;
+            continue;
+        }
+        uint64_t leaf_end = (li + 1) << BM_LEAF_SHIFT;
+        if (leaf_end > end)
+            leaf_end = end;
+        uint64_t next = leaf_end;
+        for (; lba < leaf_end; lba++) {
+            if (l->e[lba & (BM_LEAF_ENTRIES - 1)].gen <= from_gen)
+                continue;
+            uint64_t g = lba / gb;
+            if (have && g <= run_e) { /* extends (or is inside) the current run */
+                if (g == run_e)
+                    run_e = g + 1;
+            } else {
+                if (have) {
+                    if (n == max) { /* full: resume at this run next time */
+                        *pos = run_s * gran;
+                        goto out;
+                    }
+                    out[2 * n] = run_s * gran;
+                    out[2 * n + 1] = (run_e - run_s) * gran;
+                    n++;
+                }
+                run_s = g;
+                run_e = g + 1;
+                have = 1;
+            }
+            uint64_t gend = (g + 1) * gb; /* the rest of this granule is covered */
+            if (gend >= leaf_end) {
+                next = gend;
+                break;
+            }
+            lba = gend - 1;
+        }
+        lba = next;
+    }
+    if (have) {
+        if (n == max) {
+            *pos = run_s * gran;
+            goto out;
+        }
+        uint64_t e_off = run_e * gran;
+        out[2 * n] = run_s * gran;
+        out[2 * n + 1] = (e_off > v->p.size ? v->p.size : e_off) - run_s * gran;
+        n++;
+    }
+    *pos = v->p.size;
+out:
+    pthread_mutex_unlock(&v->lock);
+    return n;
+}
+
+/* Bytes of data that snapshot id alone keeps (its entries that differ from the next newer
+ * snapshot's, or the head's): what deleting it would let the collector reclaim at most. */
+int64_t vol_snap_pinned(vol *v, uint32_t id)
+{
+    pthread_mutex_lock(&v->lock);
+    int64_t r = -1;
+    uint32_t i;
+    for (i = 0; i < v->nsnaps && v->snaps[i].id != id; i++)
+        ;
+    if (i == v->nsnaps) {
+        fail(ENOENT, "no snapshot with id %u", id);
+        goto out;
+    }
+    const blockmap *a = v->snaps[i].map, *b = i + 1 < v->nsnaps ? v->snaps[i + 1].map : v->head;
+    uint64_t blocks = 0;
+    for (uint64_t li = blockmap_next_leaf(a, 0); li != UINT64_MAX; li = blockmap_next_leaf(a, li + 1)) {
+        const bm_leaf *la = blockmap_leaf(a, li), *lb = blockmap_leaf(b, li);
+        if (la == lb)
+            continue; /* shared: nothing here is the snapshot's alone */
+        for (unsigned k = 0; k < BM_LEAF_ENTRIES; k++) {
+            unsigned kind = bm_kind(la->e[k].loc);
+            if ((kind == BM_DATA || kind == BM_COMP) && (!lb || lb->e[k].loc != la->e[k].loc))
+                blocks++;
+        }
+    }
+    r = (int64_t)(blocks * BS);
+out:
+    pthread_mutex_unlock(&v->lock);
+    return r;
+}
+
 /* ---------- checkpoints ---------- */
 
 typedef struct wctx {
@@ -882,33 +1246,58 @@ static void wout(wctx *w, const void *p, size_t n)
         w->err = errno ? errno : EIO;
 }
 
+/* Free checkpoint clones under the lock: leaf reference counts are shared with live maps. */
+static void free_clones(vol *v, blockmap **maps, uint32_t n)
+{
+    pthread_mutex_lock(&v->lock);
+    for (uint32_t i = 0; i < n; i++)
+        blockmap_free(maps[i]);
+    pthread_mutex_unlock(&v->lock);
+    free(maps);
+}
+
 int vol_checkpoint(vol *v)
 {
-    /* Under the lock: write out the window, freeze a clone of the map, note which segments
-     * must be synced (those with live data: the clone references them) and which are already
-     * dead (only those may be deleted after the commit: a segment that dies later is still
-     * referenced by this checkpoint). The fdatasyncs and the write run without the lock, so
-     * requests go on meanwhile. needs_sync flags are left for NBD flushes to clear. */
+    /* Under the lock: write out the window, freeze clones of every map (head and snapshots,
+     * O(mids) each), note which segments must be synced (those with live data: the clones
+     * reference them) and which are already dead (only those may be deleted after the commit:
+     * a segment that dies later is still referenced by this checkpoint). The fdatasyncs and the
+     * write run without the lock, so requests go on meanwhile. needs_sync flags are left for
+     * NBD flushes to clear. */
     pthread_mutex_lock(&v->lock);
     if (flush_wbuf(v) < 0) {
         pthread_mutex_unlock(&v->lock);
         return -1;
     }
-    blockmap *clone = blockmap_clone(v->head);
+    uint32_t nmaps = v->nsnaps + 1;
+    blockmap **maps = calloc(nmaps, sizeof *maps);
+    snap *meta = calloc(nmaps, sizeof *meta);
     uint64_t nsegs = 0;
     for (uint64_t i = 0; i < v->nsegs_cap; i++)
         nsegs += v->segs[i].fd >= 0;
     uint64_t *segtab = malloc((nsegs ? nsegs : 1) * 16);
     int *syncfds = malloc((nsegs ? nsegs : 1) * sizeof *syncfds);
     uint64_t *dead = malloc((nsegs ? nsegs : 1) * sizeof *dead);
-    if (!clone || !segtab || !syncfds || !dead) {
-        blockmap_free(clone);
+    int nomem = !maps || !meta || !segtab || !syncfds || !dead;
+    for (uint32_t m = 0; m < nmaps && !nomem; m++) {
+        maps[m] = blockmap_clone(m ? v->snaps[m - 1].map : v->head);
+        nomem = !maps[m];
+        if (m) {
+            meta[m] = v->snaps[m - 1];
+            meta[m].map = NULL;
+        }
+    }
+    if (nomem) {
+        pthread_mutex_unlock(&v->lock);
+        if (maps)
+            free_clones(v, maps, nmaps);
+        free(meta);
         free(segtab);
         free(syncfds);
         free(dead);
-        pthread_mutex_unlock(&v->lock);
         return fail(ENOMEM, "out of memory for a checkpoint");
     }
+    meta[0].gen = v->gen;
     uint64_t j = 0, nsync = 0, ndead = 0;
     for (uint64_t i = 0; i < v->nsegs_cap; i++) {
         seg_info *g = &v->segs[i];
@@ -923,63 +1312,100 @@ int vol_checkpoint(vol *v)
             nsync++;
     }
     uint64_t next_seq = v->next_seq, rseg = v->active, roff = v->active_off;
-    uint32_t gen = v->gen;
+    uint32_t gen = v->gen, next_snap_id = v->next_snap_id;
     uint64_t since = v->since_ckpt;
+    size_t leaves_hint = 0;
+    for (uint32_t m = 0; m < nmaps; m++)
+        leaves_hint += maps[m]->nleaves;
     pthread_mutex_unlock(&v->lock);
 
-    int serr = 0;
+    int err = 0;
     for (uint64_t i = 0; i < nsync; i++) {
-        if (!serr && fdatasync(syncfds[i]) < 0)
-            serr = errno;
+        if (!err && fdatasync(syncfds[i]) < 0)
+            err = errno;
         close(syncfds[i]);
     }
     free(syncfds);
-    if (!serr && fsync(v->segdirfd) < 0)
-        serr = errno;
-    if (serr) {
-        blockmap_free(clone);
+    if (!err && fsync(v->segdirfd) < 0)
+        err = errno;
+    if (err) {
+        free_clones(v, maps, nmaps);
+        free(meta);
         free(segtab);
         free(dead);
-        return fail(serr, "syncing segments for a checkpoint: %s", strerror(serr));
+        return fail(err, "syncing segments for a checkpoint: %s", strerror(err));
     }
 
-    int fd = openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    int err = 0;
+    /* Number the distinct leaves (shared leaves are written once, FORMAT.md §4). */
+    leafset ls;
+    if (leafset_init(&ls, leaves_hint) < 0) {
+        free_clones(v, maps, nmaps);
+        free(meta);
+        free(segtab);
+        free(dead);
+        return -1;
+    }
+    const bm_leaf **order = malloc((leaves_hint ? leaves_hint : 1) * sizeof *order);
+    uint64_t *order_li = malloc((leaves_hint ? leaves_hint : 1) * sizeof *order_li);
+    if (!order || !order_li)
+        err = ENOMEM;
+    for (uint32_t m = 0; m < nmaps && !err; m++)
+        for (uint64_t li = blockmap_next_leaf(maps[m], 0); li != UINT64_MAX; li = blockmap_next_leaf(maps[m], li + 1)) {
+            uint32_t idx;
+            const bm_leaf *l = blockmap_leaf(maps[m], li);
+            if (leafset_add(&ls, l, &idx)) {
+                order[idx] = l;
+                order_li[idx] = li;
+            }
+        }
+
     uint64_t size = 0;
-    if (fd < 0) {
+    int fd = err ? -1 : openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (!err && fd < 0)
         err = errno;
-    } else {
+    if (!err) {
         FILE *f = fdopen(fd, "wb");
         wctx w = {f, 0, 0};
         static char fbuf[1 << 20];
         setvbuf(f, fbuf, _IOFBF, sizeof fbuf);
         uint8_t h[64] = {0};
         put32(h, CKPT_MAGIC);
-        put32(h + 4, 1);
+        put32(h + 4, CKPT_VERSION);
         memcpy(h + 8, v->p.uuid, 16);
         put64(h + 24, next_seq);
         put64(h + 32, rseg);
         put64(h + 40, roff);
         put32(h + 48, gen);
-        put32(h + 52, 1);
+        put32(h + 52, nmaps);
         put32(h + 56, (uint32_t)nsegs);
+        put32(h + 60, next_snap_id);
         wout(&w, h, 64);
         wout(&w, segtab, nsegs * 16);
-        uint8_t mh[16];
-        put32(mh, 0);
-        put32(mh + 4, gen);
-        put64(mh + 8, clone->nleaves);
-        wout(&w, mh, 16);
-        uint64_t written = 0;
-        for (uint64_t li = blockmap_next_leaf(clone, 0); li != UINT64_MAX;
-             li = blockmap_next_leaf(clone, li + 1)) {
-            const bm_leaf *l = blockmap_leaf(clone, li);
-            wout(&w, &li, 8);
-            wout(&w, l->e, sizeof l->e);
-            written++;
+        uint64_t nl = ls.n;
+        wout(&w, &nl, 8);
+        for (uint64_t i = 0; i < nl; i++) {
+            wout(&w, &order_li[i], 8);
+            wout(&w, order[i]->e, sizeof order[i]->e);
         }
-        if (written != clone->nleaves && !w.err)
-            w.err = EIO; /* accounting bug: refuse to write an inconsistent checkpoint */
+        for (uint32_t m = 0; m < nmaps; m++) {
+            uint8_t mh[96] = {0};
+            put32(mh, m ? meta[m].id : 0);
+            put32(mh + 4, meta[m].gen);
+            put64(mh + 8, meta[m].created);
+            put32(mh + 16, (uint32_t)strlen(meta[m].name));
+            memcpy(mh + 20, meta[m].name, strlen(meta[m].name));
+            put64(mh + 88, maps[m]->nleaves);
+            wout(&w, mh, sizeof mh);
+            uint64_t written = 0;
+            for (uint64_t li = blockmap_next_leaf(maps[m], 0); li != UINT64_MAX; li = blockmap_next_leaf(maps[m], li + 1)) {
+                uint32_t idx;
+                leafset_add(&ls, blockmap_leaf(maps[m], li), &idx);
+                wout(&w, &idx, 4);
+                written++;
+            }
+            if (written != maps[m]->nleaves && !w.err)
+                w.err = EIO; /* accounting bug: refuse to write an inconsistent checkpoint */
+        }
         uint32_t c = w.crc;
         if (!w.err && fwrite(&c, 1, 4, f) != 4)
             w.err = errno ? errno : EIO;
@@ -996,8 +1422,12 @@ int vol_checkpoint(vol *v)
         if (!err && fsync(v->dirfd) < 0)
             err = errno;
     }
-    blockmap_free(clone);
+    leafset_free(&ls);
+    free(order);
+    free(order_li);
+    free(meta);
     free(segtab);
+    free_clones(v, maps, nmaps);
     if (err) {
         free(dead);
         unlinkat(v->dirfd, "checkpoint.tmp", 0);
@@ -1033,11 +1463,14 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     if (d == MAP_FAILED)
         return fail(EIO, "checkpoint is empty or unreadable");
     int r = -1;
-    if (len < 64 + 16 + 4 || get32(d) != CKPT_MAGIC) {
+    bm_leaf **leaves = NULL;
+    uint64_t nl = 0;
+    size_t leaf_rec = 8 + sizeof(((bm_leaf *)0)->e);
+    if (len < 64 + 8 + 4 || get32(d) != CKPT_MAGIC) {
         fail(EIO, "checkpoint is corrupt (bad magic or too short)");
         goto out;
     }
-    if (get32(d + 4) != 1) {
+    if (get32(d + 4) != CKPT_VERSION) {
         fail(EPROTO, "checkpoint has unsupported version %u", get32(d + 4));
         goto out;
     }
@@ -1049,14 +1482,16 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         fail(EIO, "checkpoint is corrupt (checksum mismatch)");
         goto out;
     }
+    size_t end = len - 4;
     v->next_seq = get64(d + 24);
     *rseg = get64(d + 32);
     *roff = get64(d + 40);
     v->gen = get32(d + 48);
-    uint32_t nsegs = get32(d + 56);
+    uint32_t nmaps = get32(d + 52), nsegs = get32(d + 56);
+    v->next_snap_id = get32(d + 60) ? get32(d + 60) : 1;
     size_t pos = 64;
-    if (pos + (size_t)nsegs * 16 + 16 > len - 4) {
-        fail(EIO, "checkpoint is corrupt (segment table overruns)");
+    if (nmaps == 0 || (uint64_t)nsegs * 16 + 8 > end - pos) {
+        fail(EIO, "checkpoint is corrupt (header)");
         goto out;
     }
     for (uint32_t i = 0; i < nsegs; i++, pos += 16) {
@@ -1067,30 +1502,79 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         }
         v->segs[id].total_blocks = get64(d + pos + 8);
     }
-    uint64_t nleaves = get64(d + pos + 8);
-    pos += 16;
-    size_t leaf_rec = 8 + sizeof(((bm_leaf *)0)->e);
-    if (nleaves > (len - 4 - pos) / leaf_rec || pos + nleaves * leaf_rec != len - 4) {
-        fail(EIO, "checkpoint is corrupt (map size)");
+    nl = get64(d + pos);
+    pos += 8;
+    if (nl > (end - pos) / leaf_rec) {
+        fail(EIO, "checkpoint is corrupt (leaf table)");
         goto out;
     }
     uint64_t maxleaf = (v->nblocks + BM_LEAF_ENTRIES - 1) >> BM_LEAF_SHIFT;
-    for (uint64_t i = 0; i < nleaves; i++, pos += leaf_rec) {
-        uint64_t li = get64(d + pos);
-        if (li >= maxleaf) {
-            fail(EIO, "checkpoint is corrupt (leaf beyond the volume)");
-            goto out;
-        }
+    leaves = calloc(nl ? nl : 1, sizeof *leaves);
+    uint64_t *lis = calloc(nl ? nl : 1, sizeof *lis);
+    if (!leaves || !lis) {
+        free(lis);
+        fail(ENOMEM, "out of memory loading checkpoint");
+        goto out;
+    }
+    for (uint64_t i = 0; i < nl; i++, pos += leaf_rec) {
+        lis[i] = get64(d + pos);
         bm_entry tmp[BM_LEAF_ENTRIES];
         memcpy(tmp, d + pos + 8, sizeof tmp);
-        if (blockmap_put_leaf(v->head, li, tmp) < 0) {
-            fail(ENOMEM, "out of memory loading checkpoint");
+        if (lis[i] >= maxleaf || !(leaves[i] = blockmap_leaf_new(tmp))) {
+            free(lis);
+            fail(lis[i] >= maxleaf ? EIO : ENOMEM, "checkpoint is corrupt (leaf beyond the volume)");
             goto out;
         }
+    }
+    for (uint32_t m = 0; m < nmaps; m++) {
+        if (96 > end - pos) {
+            free(lis);
+            fail(EIO, "checkpoint is corrupt (map header)");
+            goto out;
+        }
+        const uint8_t *mh = d + pos;
+        uint32_t id = get32(mh), mgen = get32(mh + 4), namelen = get32(mh + 16);
+        uint64_t cnt = get64(mh + 88);
+        pos += 96;
+        if ((m == 0) != (id == 0) || namelen > VOL_SNAP_NAME_MAX || cnt > (end - pos) / 4) {
+            free(lis);
+            fail(EIO, "checkpoint is corrupt (map %u)", m);
+            goto out;
+        }
+        blockmap *map = v->head;
+        if (m) {
+            char name[VOL_SNAP_NAME_MAX + 1] = {0};
+            memcpy(name, mh + 20, namelen);
+            blockmap *sm = blockmap_new(v->nblocks);
+            if (!sm || snap_add(v, id, mgen, get64(mh + 8), name, sm) < 0) {
+                blockmap_free(sm);
+                free(lis);
+                fail(ENOMEM, "out of memory loading checkpoint");
+                goto out;
+            }
+            map = sm;
+        }
+        for (uint64_t k = 0; k < cnt; k++, pos += 4) {
+            uint32_t idx = get32(d + pos);
+            if (idx >= nl || blockmap_attach_leaf(map, lis[idx], leaves[idx]) < 0) {
+                free(lis);
+                fail(EIO, "checkpoint is corrupt (leaf reference)");
+                goto out;
+            }
+        }
+    }
+    free(lis);
+    if (pos != end) {
+        fail(EIO, "checkpoint is corrupt (trailing bytes)");
+        goto out;
     }
     v->ckpt_size = len;
     r = 0;
 out:
+    if (leaves)
+        for (uint64_t i = 0; i < nl; i++)
+            blockmap_leaf_discard(leaves[i]); /* only those no map took */
+    free(leaves);
     munmap(d, len);
     return r;
 }
@@ -1124,7 +1608,7 @@ static int parse_rec(vol *v, const uint8_t *d, size_t len, size_t pos, rec *r)
     r->gen = get32(h + 20);
     r->seq = get64(h + 24);
     r->lba = get64(h + 32);
-    if (get64(h + 40) != v->uuid8 || r->type < R_WRITE || r->type > R_FLUSH)
+    if (get64(h + 40) != v->uuid8 || r->type < R_WRITE || r->type > R_SNAPDEL)
         return 0;
     if (r->type == R_WRITE || r->type == R_RELOC) {
         if (r->flags & F_COMP) {
@@ -1136,12 +1620,16 @@ static int parse_rec(vol *v, const uint8_t *d, size_t len, size_t pos, rec *r)
                 return 0;
             r->ncrc = r->nblocks;
         }
+    } else if (r->type == R_SNAP || r->type == R_SNAPDEL) {
+        if (r->plen != (r->type == R_SNAP ? SNAP_PAYLOAD : SNAPDEL_PAYLOAD) || r->nblocks || r->lba)
+            return 0;
+        r->ncrc = 1;
     } else {
         if (r->plen != 0 || (r->type != R_FLUSH && r->nblocks == 0) || r->nblocks > MAX_TOMB_BLOCKS)
             return 0;
         r->ncrc = 0;
     }
-    if (r->type != R_FLUSH && (r->lba > v->nblocks || r->nblocks > v->nblocks - r->lba))
+    if (r->type != R_FLUSH && r->type < R_SNAP && (r->lba > v->nblocks || r->nblocks > v->nblocks - r->lba))
         return 0;
     r->len = REC_HDR + 4ull * r->ncrc + r->plen;
     if (pos + r->len > len)
@@ -1158,6 +1646,8 @@ static int parse_rec(vol *v, const uint8_t *d, size_t len, size_t pos, rec *r)
 
 static int rec_data_ok(const rec *r)
 {
+    if (r->type == R_SNAP || r->type == R_SNAPDEL)
+        return crc32c(r->payload, r->plen) == get32(r->crcs);
     if (r->type != R_WRITE && r->type != R_RELOC)
         return 1;
     if (r->flags & F_COMP)
@@ -1185,6 +1675,18 @@ static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
     } else if (r->type == R_ZERO || r->type == R_TRIM) {
         if (map_tombstone(v, r->lba, r->nblocks, r->type == R_ZERO ? BM_ZERO : BM_TRIM, r->gen) < 0)
             return -1;
+    } else if (r->type == R_SNAP) {
+        const uint8_t *p = r->payload;
+        uint32_t nl = get32(p + 16);
+        char name[VOL_SNAP_NAME_MAX + 1] = {0};
+        memcpy(name, p + 20, nl > VOL_SNAP_NAME_MAX ? VOL_SNAP_NAME_MAX : nl);
+        if (snap_add(v, get32(p), get32(p + 4), get64(p + 8), name, NULL) < 0)
+            return -1;
+        v->gen = get32(p + 4) + 1;
+        return 0;
+    } else if (r->type == R_SNAPDEL) {
+        snap_remove(v, get32(r->payload));
+        return 0;
     }
     if (r->gen > v->gen)
         v->gen = r->gen;
@@ -1425,22 +1927,32 @@ out:
     return r;
 }
 
-static void recount_live(vol *v)
+static size_t total_leaves(vol *v)
+{
+    size_t n = v->head->nleaves;
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        n += v->snaps[i].map->nleaves;
+    return n;
+}
+
+static int recount_live(vol *v)
 {
     for (uint64_t i = 0; i < v->nsegs_cap; i++)
         v->segs[i].live_blocks = 0;
-    for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX;
-         li = blockmap_next_leaf(v->head, li + 1)) {
-        const bm_leaf *l = blockmap_leaf(v->head, li);
-        for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
-            unsigned k = bm_kind(l->e[i].loc);
-            if (k == BM_DATA || k == BM_COMP) {
-                uint64_t s = bm_seg(l->e[i].loc);
-                if (s < v->nsegs_cap)
-                    v->segs[s].live_blocks++;
-            }
+    leafset ls;
+    if (leafset_init(&ls, total_leaves(v)) < 0)
+        return -1;
+    for (uint32_t m = 0; m <= v->nsnaps; m++) {
+        blockmap *map = m ? v->snaps[m - 1].map : v->head;
+        for (uint64_t li = blockmap_next_leaf(map, 0); li != UINT64_MAX; li = blockmap_next_leaf(map, li + 1)) {
+            uint32_t idx;
+            const bm_leaf *l = blockmap_leaf(map, li);
+            if (leafset_add(&ls, l, &idx))
+                live_hook(v, l, +1);
         }
     }
+    leafset_free(&ls);
+    return 0;
 }
 
 static void raise_nofile(void)
@@ -1465,7 +1977,14 @@ static void vol_free(vol *v)
     for (int i = 0; i < v->npool; i++)
         close(v->pool[i].fd);
     free(v->segs);
+    if (v->head)
+        v->head->hooks = NULL; /* tearing down: no accounting */
     blockmap_free(v->head);
+    for (uint32_t i = 0; i < v->nsnaps; i++) {
+        v->snaps[i].map->hooks = NULL;
+        blockmap_free(v->snaps[i].map);
+    }
+    free(v->snaps);
     if (v->dirfd >= 0)
         close(v->dirfd);
     if (v->segdirfd >= 0)
@@ -1511,6 +2030,9 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     if (v->wbuf_cap < (8u << 20))
         v->wbuf_cap = 8u << 20;
     v->head = blockmap_new(v->nblocks);
+    v->hooks.leaf = live_hook;
+    v->hooks.ctx = v;
+    v->next_snap_id = 1;
     v->wbuf = malloc(v->wbuf_cap);
     v->zbuf = malloc(ZSTD_compressBound(MAX_COMP_BLOCKS * BS));
     v->dcache = malloc(MAX_COMP_BLOCKS * BS);
@@ -1585,7 +2107,11 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     }
     uint64_t maxid = nids ? ids[nids - 1] : 0;
     free(ids);
-    recount_live(v);
+    if (recount_live(v) < 0)
+        goto err;
+    v->head->hooks = &v->hooks;
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        v->snaps[i].map->hooks = &v->hooks;
     /* segments older than the replay start that nothing references: left by the collector */
     for (uint64_t i = 0; i < v->nsegs_cap && i < rseg; i++)
         if (v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
@@ -1658,6 +2184,27 @@ int64_t vol_gc_pick(vol *v, double ratio)
     return best;
 }
 
+/* Does any map (head or snapshot) reference this block at this location? */
+static int referenced(vol *v, uint64_t lba, uint64_t loc)
+{
+    for (uint32_t m = 0; m <= v->nsnaps; m++)
+        if (blockmap_get(m ? v->snaps[m - 1].map : v->head, lba).loc == loc)
+            return 1;
+    return 0;
+}
+
+/* Point every distinct leaf entry that references old_loc at new_loc (identical bytes). */
+static void relocate_all(vol *v, uint64_t lba, uint64_t old_loc, uint64_t new_loc)
+{
+    for (uint32_t m = 0; m <= v->nsnaps; m++)
+        if (blockmap_relocate(m ? v->snaps[m - 1].map : v->head, lba, old_loc, new_loc)) {
+            uint64_t os = bm_seg(old_loc), ns = bm_seg(new_loc);
+            if (v->segs[os].live_blocks)
+                v->segs[os].live_blocks--;
+            v->segs[ns].live_blocks++;
+        }
+}
+
 int vol_gc_segment(vol *v, uint64_t seg)
 {
     pthread_mutex_lock(&v->lock);
@@ -1689,10 +2236,11 @@ int vol_gc_segment(vol *v, uint64_t seg)
         if (rc.flags & F_COMP) {
             uint64_t want = bm_loc(BM_COMP, seg, pos, 0) & ~(0xffULL << 56);
             int live = 0;
-            for (uint32_t b = 0; b < rc.nblocks && !live; b++) {
-                bm_entry e = blockmap_get(v->head, rc.lba + b);
-                live = bm_kind(e.loc) == BM_COMP && (e.loc & ~(0xffULL << 56)) == want;
-            }
+            for (uint32_t b = 0; b < rc.nblocks && !live; b++)
+                for (uint32_t m = 0; m <= v->nsnaps && !live; m++) {
+                    bm_entry e = blockmap_get(m ? v->snaps[m - 1].map : v->head, rc.lba + b);
+                    live = bm_kind(e.loc) == BM_COMP && (e.loc & ~(0xffULL << 56)) == want;
+                }
             if (live) {
                 uint64_t nro, pay;
                 uint32_t c = get32(rc.crcs);
@@ -1704,25 +2252,19 @@ int vol_gc_segment(vol *v, uint64_t seg)
                     break;
                 }
                 for (uint32_t b = 0; b < rc.nblocks; b++)
-                    if (blockmap_relocate(v->head, rc.lba + b, bm_loc(BM_COMP, seg, pos, b),
-                                          bm_loc(BM_COMP, v->active, nro, b))) {
-                        v->segs[seg].live_blocks--;
-                        v->segs[v->active].live_blocks++;
-                    }
+                    relocate_all(v, rc.lba + b, bm_loc(BM_COMP, seg, pos, b), bm_loc(BM_COMP, v->active, nro, b));
                 v->gc_bytes_moved += rc.plen;
             }
         } else {
             uint64_t base = pos + REC_HDR + 4ull * rc.ncrc;
             uint32_t b = 0;
             while (b < rc.nblocks) {
-                bm_entry e = blockmap_get(v->head, rc.lba + b);
-                if (e.loc != bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0)) {
+                if (!referenced(v, rc.lba + b, bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0))) {
                     b++;
                     continue;
                 }
                 uint32_t s = b;
-                while (b < rc.nblocks &&
-                       blockmap_get(v->head, rc.lba + b).loc == bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0))
+                while (b < rc.nblocks && referenced(v, rc.lba + b, bm_loc(BM_DATA, seg, base + (uint64_t)b * BS, 0)))
                     b++;
                 uint32_t k = b - s;
                 memcpy(crcs, rc.crcs + 4 * s, 4ull * k);
@@ -1734,11 +2276,8 @@ int vol_gc_segment(vol *v, uint64_t seg)
                     break;
                 }
                 for (uint32_t j = 0; j < k; j++)
-                    if (blockmap_relocate(v->head, rc.lba + s + j, bm_loc(BM_DATA, seg, base + (uint64_t)(s + j) * BS, 0),
-                                          bm_loc(BM_DATA, v->active, pay + (uint64_t)j * BS, 0))) {
-                        v->segs[seg].live_blocks--;
-                        v->segs[v->active].live_blocks++;
-                    }
+                    relocate_all(v, rc.lba + s + j, bm_loc(BM_DATA, seg, base + (uint64_t)(s + j) * BS, 0),
+                                 bm_loc(BM_DATA, v->active, pay + (uint64_t)j * BS, 0));
                 v->gc_bytes_moved += (uint64_t)k * BS;
             }
         }

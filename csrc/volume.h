@@ -15,7 +15,7 @@
  *    from memory, new writes fail with the same errno until a later attempt succeeds.
  *  - Every function returns 0 (or a count) on success, -1 with errno set on failure; a message
  *    for the last failure of the calling thread is in vol_errmsg().
- * Not done yet: snapshots' maps (the map is cloneable, the checkpoint format has nmaps). */
+ */
 #ifndef BLOCKREP_VOLUME_H
 #define BLOCKREP_VOLUME_H
 #include <stdint.h>
@@ -60,6 +60,16 @@ typedef struct vol_stats {
     uint64_t pool_files;         /* recycled segment files waiting for reuse (counted in used_bytes) */
 } vol_stats;
 
+#define VOL_SNAP_NAME_MAX 64
+#define VOL_SNAP_NONE 0xffffffffu
+
+typedef struct vol_snap_info {
+    uint32_t id;
+    uint32_t gen;
+    uint64_t created; /* unix ns */
+    char name[VOL_SNAP_NAME_MAX + 1];
+} vol_snap_info;
+
 #define VOL_EXTENT_DATA 0
 #define VOL_EXTENT_HOLE 3 /* NBD_STATE_HOLE | NBD_STATE_ZERO */
 
@@ -74,6 +84,18 @@ int vol_flush(vol *v);
  * granularity, at most max runs; returns the number of runs. */
 int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
 int vol_checkpoint(vol *v);
+
+/* Snapshots (FORMAT.md §5, §8). Ids are > 0; id 0 names the head where a map is asked for.
+ * create: a SNAP record, a clone of the head's map, a new generation, a flush (durable when it
+ * returns); EEXIST for a duplicate name. delete: a SNAPDEL record, the map dropped; ENOENT. */
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out);
+int vol_snap_delete(vol *v, uint32_t id);
+/* Fills up to max entries, oldest first; returns the number of snapshots. */
+int vol_snap_list(vol *v, vol_snap_info *out, int max);
+int vol_snap_read(vol *v, uint32_t id, void *buf, uint64_t count, uint64_t offset);
+int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint64_t *out, int max);
+int vol_diff(vol *v, uint32_t from_id, uint32_t to_id, uint64_t gran, uint64_t *pos, uint64_t *out, int max);
+int64_t vol_snap_pinned(vol *v, uint32_t id);
 /* The sealed segment most worth collecting, or 0 when disk use is within ratio x live data. */
 int64_t vol_gc_pick(vol *v, double ratio);
 /* Move the live blocks of sealed segment seg to the head of the log (RELOC records, same

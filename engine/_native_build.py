@@ -28,6 +28,9 @@ typedef struct vol_stats {
     uint64_t active_segment; uint64_t gc_segments; uint64_t gc_bytes_moved;
     uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests; uint64_t pool_files;
 } vol_stats;
+typedef struct vol_snap_info {
+    uint32_t id; uint32_t gen; uint64_t created; char name[65];
+} vol_snap_info;
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);
 void vol_abandon(vol *v);
@@ -37,6 +40,13 @@ int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
 int vol_flush(vol *v);
 int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
 int vol_checkpoint(vol *v);
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out);
+int vol_snap_delete(vol *v, uint32_t id);
+int vol_snap_list(vol *v, vol_snap_info *out, int max);
+int vol_snap_read(vol *v, uint32_t id, void *buf, uint64_t count, uint64_t offset);
+int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint64_t *out, int max);
+int vol_diff(vol *v, uint32_t from_id, uint32_t to_id, uint64_t gran, uint64_t *pos, uint64_t *out, int max);
+int64_t vol_snap_pinned(vol *v, uint32_t id);
 int64_t vol_gc_pick(vol *v, double ratio);
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);

@@ -225,6 +225,8 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
         # nbdkit binds the socket before it forks and writes its pid file after: wait for both,
         # so that `stop` (and scripts) find the daemon as soon as `serve` returns
         pid = running_pid(vol)
+        if not pid and read_pid(vol):
+            break  # the pid file appeared (stale ones were removed first) and its process died
         ready = pid and (tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1])
                          if hp else socket_accepts(sock))
         if ready:

@@ -36,6 +36,7 @@ FORMAT_VERSION = 1
 BLOCK = 4096
 MAX_SIZE = 16 << 40
 DEFAULT_SEGMENT = 32 << 20
+REPLAY_CHECKPOINT = 64 << 20  # checkpoint right after a recovery that replayed more than this
 CHECKPOINT_EVERY = 2 << 30  # bytes of log since the last checkpoint (recovery replays ~0.2 s/GiB)
 GC_RATIO = 1.2  # when idle, collect while disk use > GC_RATIO x live data
 GC_BUSY_RATIO = 2.0  # while clients write, collect only above this
@@ -245,7 +246,11 @@ class Volume:
             lock.release()
             raise from_errno(err, f"cannot open volume {p}: {msg}")
         report = {k: getattr(rep, k) for k in dir(rep)}
-        return cls(p, params, h, native, lock, report)
+        vol = cls(p, params, h, native, lock, report)
+        if report["bytes_replayed"] > REPLAY_CHECKPOINT:
+            # a server killed again and again would otherwise replay the same log every time
+            vol.checkpoint()
+        return vol
 
     def close(self) -> None:
         if self._v is None:

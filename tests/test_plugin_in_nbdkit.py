@@ -136,9 +136,26 @@ def test_effective_thread_model_is_serialize_all_requests(volume):
     assert r.returncode == 0, r.stderr
     assert "using thread model: serialize_all_requests" in r.stderr, r.stderr[-2000:]
     assert "processing requests serially" in r.stderr
-    # the script asks for it explicitly (not relying on the Python plugin's default)
-    src = PLUGIN.read_text()
-    assert "return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS" in src
+
+
+def test_thread_model_comes_from_the_plugin(volume):
+    """The plugin's thread_model() decides (not the Python plugin's default): a measurement
+    override gives another model, so the default above is the plugin's own choice."""
+    r = nbdkit("-v", "-U", "-", "python", PLUGIN, f"volume={volume}", "thread_model=parallel",
+               "--run", 'nbdinfo "$uri"')
+    assert r.returncode == 0, r.stderr
+    assert "using thread model: parallel" in r.stderr
+
+
+def test_blockrep_serve_uses_the_default_thread_model(volume):
+    run_blockrep("serve", volume, check=True)
+    try:
+        pid = int((volume / "nbdkit.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert not any(a.startswith(b"thread_model=") for a in cmdline), cmdline
+        assert str(PLUGIN).encode() in cmdline
+    finally:
+        run_blockrep("stop", volume, check=True)
 
 
 def test_plugin_rejects_unknown_parameter_and_missing_volume(volume):
