@@ -16,6 +16,8 @@ import errno as _errno
 import fcntl
 import json
 import os
+import re
+import time as _time
 import uuid as _uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +44,19 @@ GC_RATIO = 1.2  # when idle, collect while disk use > GC_RATIO x live data
 GC_BUSY_RATIO = 2.0  # while clients write, collect only above this
 POOL_IDLE = 4  # recycled segment files kept when idle (up to 64 while busy)
 BACKENDS = ("lsfs",)
+NO_SNAPSHOT = 0xFFFFFFFF  # vol_diff: "since the volume was created"
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def validate_snapshot_name(name: str) -> str:
+    if not isinstance(name, str) or not SNAPSHOT_NAME.fullmatch(name):
+        raise InvalidArgument(f"invalid snapshot name {name!r}: use 1 to 64 of A-Z a-z 0-9 . _ -")
+    return name
+
+
+def default_snapshot_name() -> str:
+    """A UTC timestamp, e.g. 20261125T081500Z (valid as a name, sorts by time)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-3]
 
 
 @dataclass
@@ -346,6 +361,87 @@ class Volume:
             last = ext[-1]
             pos = last[0] + last[1]
         return bad
+
+    # ---- snapshots (docs/FORMAT.md §8) ----
+    def snapshots(self) -> list[dict]:
+        """Snapshots oldest first: id, name, generation, created (ISO 8601 UTC)."""
+        ffi, lib = self._n.ffi, self._n.lib
+        cap = 64
+        while True:
+            out = ffi.new("vol_snap_info[]", cap)
+            n = lib.vol_snap_list(self._v, out, cap)
+            if n <= cap:
+                break
+            cap = n
+        res = []
+        for i in range(n):
+            s = out[i]
+            created = _dt.datetime.fromtimestamp(s.created / 1e9, _dt.timezone.utc)
+            res.append({"id": s.id, "name": ffi.string(s.name).decode(), "generation": s.gen,
+                        "created": created.isoformat(timespec="seconds").replace("+00:00", "Z")})
+        return res
+
+    def snapshot(self, name: str) -> dict:
+        for s in self.snapshots():
+            if s["name"] == name:
+                return s
+        raise NotFound(f"no snapshot named {name!r} in {self.path}")
+
+    def snapshot_create(self, name: str, created_ns: int | None = None) -> dict:
+        validate_snapshot_name(name)
+        ffi = self._n.ffi
+        out = ffi.new("uint32_t *")
+        ns = created_ns if created_ns is not None else _time.time_ns()
+        if self._n.lib.vol_snap_create(self._v, name.encode(), ns, out):
+            self._raise(f"creating snapshot {name}")
+        return self.snapshot(name)
+
+    def snapshot_delete(self, name: str) -> None:
+        sid = self.snapshot(name)["id"]
+        if self._n.lib.vol_snap_delete(self._v, sid):
+            self._raise(f"deleting snapshot {name}")
+
+    def snapshot_pinned(self, sid: int) -> int:
+        n = self._n.lib.vol_snap_pinned(self._v, sid)
+        if n < 0:
+            self._raise("pinned bytes")
+        return n
+
+    def snapshot_readinto(self, sid: int, buf, offset: int) -> None:
+        ffi = self._n.ffi
+        if self._n.lib.vol_snap_read(self._v, sid, ffi.from_buffer(buf, require_writable=True), len(buf), offset):
+            self._raise(f"read of snapshot {sid} at {offset}")
+
+    def snapshot_read(self, sid: int, count: int, offset: int) -> bytes:
+        buf = bytearray(count)
+        self.snapshot_readinto(sid, buf, offset)
+        return bytes(buf)
+
+    def diff_ids(self, from_id: int | None, to_id: int, granularity: int | None = None) -> list[tuple[int, int]]:
+        """Changed extents from snapshot from_id (None: since creation) to to_id (0: the head),
+        sorted, coalesced at the granularity. One C scan, paged 4096 extents at a time."""
+        ffi, lib = self._n.ffi, self._n.lib
+        gran = granularity or self.params.granularity
+        pos = ffi.new("uint64_t *", 0)
+        out = ffi.new("uint64_t[]", 2 * 4096)
+        res: list[tuple[int, int]] = []
+        while pos[0] < self.size:
+            n = lib.vol_diff(self._v, NO_SNAPSHOT if from_id is None else from_id, to_id, gran, pos, out, 4096)
+            if n < 0:
+                self._raise("diff")
+            for i in range(n):
+                o, ln = out[2 * i], out[2 * i + 1]
+                if res and res[-1][0] + res[-1][1] == o:
+                    res[-1] = (res[-1][0], res[-1][1] + ln)
+                else:
+                    res.append((o, ln))
+        return res
+
+    def diff(self, from_name: str, to_name: str) -> list[tuple[int, int]]:
+        a, b = self.snapshot(from_name), self.snapshot(to_name)
+        if a["generation"] > b["generation"]:
+            raise InvalidArgument(f"snapshot {from_name} is newer than {to_name}: give the older one first")
+        return self.diff_ids(a["id"], b["id"])
 
     # ---- maintenance ----
     def checkpoint(self) -> None:

@@ -1,7 +1,9 @@
 """R5: hypothesis stateful test of the engine against a bytearray model.
 
-Operations: write / zero / trim (any alignment), flush, FUA, reads, the collector, clean
-restarts, and crashes (vol_abandon: what SIGKILL leaves). After a crash every block must hold
+Operations: write / zero / trim (any alignment), flush, FUA, reads, snapshot create / delete /
+read / diff, the collector, clean restarts, and crashes (vol_abandon: what SIGKILL leaves).
+Snapshots never change; a diff covers every block whose content differs between two snapshots
+and nothing that was not touched between them. After a crash every block must hold
 its durable value or the value of a later, not yet durable write to it (request atomicity:
 each unflushed request is wholly present or wholly absent, checked per request below).
 """
@@ -13,7 +15,7 @@ import tempfile
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from engine import volume
 from engine.volume import Volume
@@ -40,6 +42,8 @@ class EngineModel(RuleBasedStateMachine):
         self.durable = bytearray(SIZE)  # what must survive a crash
         self.pending = []               # requests since the last flush: (offset, bytes-after)
         self.n = 0
+        self.snaps = {}                 # name -> (frozen bytes, epoch index)
+        self.touched = [set()]          # blocks touched in each epoch (between snapshots)
 
     def teardown(self):
         if getattr(self, "v", None) is not None and not self.v.closed:
@@ -48,6 +52,7 @@ class EngineModel(RuleBasedStateMachine):
 
     def _apply(self, offset, data, fua):
         self.model[offset:offset + len(data)] = data
+        self.touched[-1].update(range(offset // BS, (offset + len(data) - 1) // BS + 1))
         if fua:
             # FUA makes this request durable (and, in this engine, every earlier one)
             self._flushed()
@@ -91,6 +96,44 @@ class EngineModel(RuleBasedStateMachine):
         assert self.v.read(length, offset) == self.model[offset:offset + length]
 
     @rule()
+    def snapshot_create(self):
+        self.n += 1
+        name = f"s{self.n}"
+        self.v.snapshot_create(name)
+        self._flushed()  # a snapshot flushes: everything before it is durable
+        self.snaps[name] = (bytes(self.model), len(self.touched))
+        self.touched.append(set())
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data())
+    def snapshot_delete(self, data):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        self.v.snapshot_delete(name)
+        del self.snaps[name]
+
+    @precondition(lambda self: self.snaps)
+    @rule(data=st.data(), offset=offsets, length=lengths)
+    def snapshot_read(self, data, offset, length):
+        name = data.draw(st.sampled_from(sorted(self.snaps)))
+        length = min(length, SIZE - offset)
+        sid = self.v.snapshot(name)["id"]
+        assert self.v.snapshot_read(sid, length, offset) == self.snaps[name][0][offset:offset + length]
+
+    @precondition(lambda self: len(self.snaps) >= 2)
+    @rule(data=st.data())
+    def diff(self, data):
+        a, b = sorted(data.draw(st.lists(st.sampled_from(sorted(self.snaps)), min_size=2, max_size=2,
+                                          unique=True)), key=lambda n: self.snaps[n][1])
+        (fa, ea), (fb, eb) = self.snaps[a], self.snaps[b]
+        got = set()
+        for off, length in self.v.diff(a, b):
+            got.update(range(off // BS, (off + length) // BS))
+        changed = {i for i in range(SIZE // BS) if fa[i * BS:(i + 1) * BS] != fb[i * BS:(i + 1) * BS]}
+        touched = set().union(*self.touched[ea:eb])
+        assert changed <= got, f"diff {a}..{b} misses changed blocks {sorted(changed - got)[:8]}"
+        assert got <= touched, f"diff {a}..{b} names untouched blocks {sorted(got - touched)[:8]}"
+
+    @rule()
     def collect(self):
         self.v.collect(ratio=1.0)
 
@@ -103,6 +146,12 @@ class EngineModel(RuleBasedStateMachine):
         self.v.close()  # a clean close flushes: everything becomes durable
         self._flushed()
         self.v = Volume.open(self.path)
+        self._check_snapshots()
+
+    def _check_snapshots(self):
+        assert [s["name"] for s in self.v.snapshots()] == sorted(self.snaps, key=lambda n: self.snaps[n][1])
+        for name, (frozen, _) in self.snaps.items():
+            assert self.v.snapshot_read(self.v.snapshot(name)["id"], SIZE, 0) == frozen
 
     @rule()
     def crash(self):
@@ -119,6 +168,7 @@ class EngineModel(RuleBasedStateMachine):
         assert got in candidates, "recovered state is not durable + a prefix of later requests"
         self.model[:] = got
         self._flushed()
+        self._check_snapshots()
 
     @invariant()
     def extents_match_model_holes(self):
