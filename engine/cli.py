@@ -8,8 +8,9 @@ import json
 import sys
 from pathlib import Path
 
-from . import server
+from . import control, ops, server
 from .errors import BlockrepError, InvalidArgument
+from .freeze import quiesced
 from .units import format_size, parse_size
 from .volume import Lock, Volume, create, disk_usage, read_params
 
@@ -37,10 +38,21 @@ def cmd_create(a) -> int:
     return 0
 
 
+def run_op(volume: str, cmd: str, **args):
+    """Run an ops command where the volume is: through its server's control socket when it is
+    served, else on the volume opened here (under its lock). The user types the same command."""
+    vol = Path(volume).resolve()
+    read_params(vol)
+    if server.running_pid(vol):
+        return control.call(vol, cmd, **args)
+    with Volume.open(vol) as v:
+        return ops.COMMANDS[cmd](v, **args)
+
+
 def _info(vol: Path) -> dict:
     params = read_params(vol)
     pid = server.running_pid(vol)
-    if pid or Lock.held(vol):
+    if not pid and Lock.held(vol):  # owned by some other process: what the files say
         info = {
             "path": str(vol), "uuid": params.uuid, "size": params.size,
             "backend": params.backend, "granularity": params.granularity,
@@ -48,8 +60,7 @@ def _info(vol: Path) -> dict:
             "format_version": params.format_version, "used_bytes": disk_usage(vol),
         }
     else:
-        with Volume.open(vol) as v:
-            info = v.info()
+        info = run_op(str(vol), "info")
     info["served"] = bool(pid)
     if pid:
         info["server_pid"] = pid
@@ -71,6 +82,9 @@ def cmd_info(a) -> int:
         ("granularity", format_size(info["granularity"])), ("created", info["created"]),
         ("used on disk", format_size(info["used_bytes"])),
     ]
+    for s in info.get("snapshots", []):
+        rows.append((f"snapshot {s['name']}", f"created {s['created']}, changed {format_size(s['changed_bytes'])}, "
+                     f"pins {format_size(s['pinned_bytes'])}"))
     if "live_bytes" in info:
         rows += [("live data", format_size(info["live_bytes"])),
                  ("segments", str(info["segments"])),
@@ -103,6 +117,54 @@ def cmd_check(a) -> int:
             print(f"{o} {n}")
         print(f"{len(bad)} damaged extent(s), {sum(n for _, n in bad)} bytes", file=sys.stderr)
     return 1 if bad else 0
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_snapshot_create(a) -> int:
+    if a.name:
+        from .volume import validate_snapshot_name
+        validate_snapshot_name(a.name)
+    with quiesced(freeze=a.freeze, pre=a.pre, post=a.post):
+        snap = run_op(a.volume, "snapshot_create", name=a.name)
+    print(snap["name"])
+    return 0
+
+
+def cmd_snapshot_list(a) -> int:
+    snaps = run_op(a.volume, "snapshot_list")
+    if a.json:
+        _print_json(snaps)
+        return 0
+    for s in snaps:
+        print(f"{s['name']}  {s['created']}  changed {format_size(s['changed_bytes'])}  "
+              f"pins {format_size(s['pinned_bytes'])}")
+    return 0
+
+
+def cmd_snapshot_delete(a) -> int:
+    run_op(a.volume, "snapshot_delete", name=a.name)
+    return 0
+
+
+def cmd_snapshot_prune(a) -> int:
+    if a.keep < 0:
+        raise InvalidArgument("--keep must be 0 or more")
+    for name in run_op(a.volume, "snapshot_prune", keep=a.keep):
+        print(f"deleted {name}")
+    return 0
+
+
+def cmd_diff(a) -> int:
+    extents = run_op(a.volume, "diff", from_name=getattr(a, "from"), to_name=a.to)
+    if a.json:
+        _print_json(extents)
+    else:
+        for e in extents:
+            print(f"{e['offset']} {e['length']}")
+    return 0
 
 
 def cmd_serve(a) -> int:
@@ -151,6 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="do not daemonise")
     s.set_defaults(func=cmd_serve)
 
+    sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots")
+    ssub = sn.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser)
+    c2 = ssub.add_parser("create", help="take a snapshot (prints its name)")
+    c2.add_argument("volume")
+    c2.add_argument("--name", help="[A-Za-z0-9._-]{1,64}; default: a UTC timestamp")
+    c2.add_argument("--freeze", metavar="MOUNTPOINT", action="append",
+                    help="fsfreeze -f/-u this filesystem around the snapshot (repeatable)")
+    c2.add_argument("--pre", metavar="CMD", action="append", help="command run before; failure refuses the snapshot")
+    c2.add_argument("--post", metavar="CMD", action="append", help="command run after, always")
+    c2.set_defaults(func=cmd_snapshot_create)
+    l2 = ssub.add_parser("list", help="list snapshots, oldest first")
+    l2.add_argument("volume")
+    l2.add_argument("--json", action="store_true")
+    l2.set_defaults(func=cmd_snapshot_list)
+    d2 = ssub.add_parser("delete", help="delete a snapshot")
+    d2.add_argument("volume")
+    d2.add_argument("name")
+    d2.set_defaults(func=cmd_snapshot_delete)
+    p2 = ssub.add_parser("prune", help="delete all but the newest N snapshots")
+    p2.add_argument("volume")
+    p2.add_argument("--keep", type=int, required=True)
+    p2.set_defaults(func=cmd_snapshot_prune)
+
+    df = sub.add_parser("diff", help="changed extents between two snapshots")
+    df.add_argument("volume")
+    df.add_argument("from", metavar="FROM")
+    df.add_argument("to", metavar="TO")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=cmd_diff)
+
     t = sub.add_parser("stop", help="stop serving a volume")
     t.add_argument("volume")
     t.set_defaults(func=cmd_stop)
@@ -167,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("blockrep: error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `blockrep snapshot list VOL | head`
+        sys.stderr.close()
+        return 141
 
 
 if __name__ == "__main__":

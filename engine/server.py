@@ -27,6 +27,7 @@ import sysconfig
 import time
 from pathlib import Path
 
+from . import control
 from .errors import BlockrepError, InvalidArgument, NotFound, ServerError, VolumeBusy
 from .volume import Lock, read_params
 
@@ -248,7 +249,7 @@ def _nbdkit_error(stderr: str) -> str:
     return lines[-1] if lines else "nbdkit failed to start"
 
 
-def stop(vol_path: str, timeout: float = 60.0) -> bool:
+def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0) -> bool:
     """Stop the server of a volume; returns False if it was not running. Waits for exit."""
     vol = Path(vol_path).resolve()
     read_params(vol)
@@ -259,12 +260,29 @@ def stop(vol_path: str, timeout: float = 60.0) -> bool:
         if sock.exists() and not socket_accepts(sock):
             sock.unlink()
         return False
+    # nbdkit answers SIGTERM by refusing new requests but waits for connected clients to leave.
+    # So: make everything durable and checkpoint first (control socket), ask nicely, and if a
+    # client keeps the server alive past the grace period, SIGKILL it: nothing is lost.
+    try:
+        control.call(vol, "flush", timeout=timeout)
+    except BlockrepError:
+        pass  # no control socket (an older server, or it is dying): SIGTERM still flushes
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.02)
     if _alive(pid):
-        raise ServerError(f"nbdkit pid {pid} did not exit within {timeout:.0f}s")
+        try:
+            control.call(vol, "flush", timeout=timeout)
+        except BlockrepError:
+            pass
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.02)
+        if _alive(pid):
+            raise ServerError(f"nbdkit pid {pid} did not exit")
+    (vol / "ctl.sock").unlink(missing_ok=True)
     # nbdkit removes its pid file and socket on a clean exit; make sure.
     pid_file(vol).unlink(missing_ok=True)
     sock = _served_socket(vol)

@@ -56,7 +56,7 @@ def validate_snapshot_name(name: str) -> str:
 
 def default_snapshot_name() -> str:
     """A UTC timestamp, e.g. 20261125T081500Z (valid as a name, sorts by time)."""
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-3]
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")[:-3]
 
 
 @dataclass
@@ -325,11 +325,13 @@ class Volume:
         if self._n.lib.vol_flush(self._v):
             self._raise("flush")
 
-    def extents(self, count: int, offset: int, max_extents: int = 1024) -> list[tuple[int, int, int]]:
-        """(offset, length, type) runs from `offset`; type 0 = data, 3 = hole (reads as zeroes)."""
+    def extents(self, count: int, offset: int, max_extents: int = 1024,
+                snapshot: int = 0) -> list[tuple[int, int, int]]:
+        """(offset, length, type) runs from `offset` of the head (or snapshot id); type 0 = data,
+        3 = hole (reads as zeroes)."""
         ffi = self._n.ffi
         out = ffi.new("uint64_t[]", 3 * max_extents)
-        n = self._n.lib.vol_extents(self._v, count, offset, out, max_extents)
+        n = self._n.lib.vol_snap_extents(self._v, snapshot, count, offset, out, max_extents)
         if n < 0:
             self._raise(f"extents at {offset}")
         return [(out[3 * i], out[3 * i + 1], out[3 * i + 2]) for i in range(n)]
@@ -376,7 +378,7 @@ class Volume:
         res = []
         for i in range(n):
             s = out[i]
-            created = _dt.datetime.fromtimestamp(s.created / 1e9, _dt.timezone.utc)
+            created = _dt.datetime.fromtimestamp(s.created / 1e9, _dt.UTC)
             res.append({"id": s.id, "name": ffi.string(s.name).decode(), "generation": s.gen,
                         "created": created.isoformat(timespec="seconds").replace("+00:00", "Z")})
         return res

@@ -3,9 +3,10 @@
     nbdkit -U SOCK python nbd_plugin/plugin.py volume=/abs/path/VOL
 
 A translator and nothing else: nbdkit callbacks become Volume calls (one C call per request),
-engine errors become errnos. Exports: "" is the live volume (read-write); snapshot exports come
-with the snapshot feature. Thread model SERIALIZE_ALL_REQUESTS: measured fastest for a Python
-plugin on 2 vCPUs (NBDKIT.md); background work (checkpoints, collector) runs in a thread
+engine errors become errnos. Exports: "" is the live volume (read-write), "@NAME" snapshot NAME
+(read-only). The control socket (engine/control.py) runs in a thread of this process.
+Thread model SERIALIZE_ALL_REQUESTS: measured fastest for a Python plugin on 2 vCPUs
+(NBDKIT.md, bench/README.md); background work (checkpoints, collector) runs in a thread
 started in after_fork whose time is spent in GIL-free C calls.
 """
 
@@ -22,6 +23,7 @@ if _ROOT not in sys.path:
 
 import nbdkit  # noqa: E402
 
+from engine.control import ControlServer, socket_path  # noqa: E402
 from engine.errors import BlockrepError  # noqa: E402
 from engine.volume import Volume  # noqa: E402
 
@@ -37,6 +39,7 @@ _THREAD_MODELS = {
 _thread_model = "serialize_all_requests"
 _stop = threading.Event()
 _worker = None
+_control = None
 log = logging.getLogger("blockrep.server")
 
 # Hot-path globals, bound in get_ready so each callback is one attribute-free C call.
@@ -95,13 +98,17 @@ def _maintain():
 
 
 def after_fork():
-    global _worker
+    global _worker, _control
     _worker = threading.Thread(target=_maintain, name="blockrep-maintain", daemon=True)
     _worker.start()
+    _control = ControlServer(_vol, socket_path(_vol.path))
+    _control.start()
 
 
 def cleanup():
     _stop.set()
+    if _control is not None:
+        _control.stop()
     if _worker is not None:
         _worker.join()
     if _vol is not None:
@@ -110,23 +117,43 @@ def cleanup():
 
 
 def list_exports(readonly, is_tls):
-    return [("", export_description(None))]
+    exports = [("", export_description(0))]
+    for s in _vol.snapshots():
+        exports.append(("@" + s["name"], _describe(s["name"])))
+    return exports
 
 
 def default_export(readonly, is_tls):
     return ""
 
 
+def _describe(snapshot):
+    if snapshot is None:
+        return f"blockrep volume uuid={_vol.params.uuid} live"
+    return f"blockrep volume uuid={_vol.params.uuid} snapshot={snapshot}"
+
+
 def open(readonly):
+    """The handle is the map to serve: 0 = the head, N > 0 = snapshot id N (read-only)."""
     name = nbdkit.export_name()
-    if name != "":
-        nbdkit.set_error(errno.ENOENT)
-        raise RuntimeError(f"no export named {name!r}")
-    return readonly
+    if name == "":
+        return 0
+    if name.startswith("@"):
+        try:
+            return _vol.snapshot(name[1:])["id"]
+        except BlockrepError:
+            pass
+    nbdkit.set_error(errno.ENOENT)
+    raise RuntimeError(f"no export named {name!r} (the live volume is \"\", snapshots are @NAME)")
 
 
 def export_description(h):
-    return f"blockrep volume uuid={_vol.params.uuid} live"
+    if not h:
+        return _describe(None)
+    for s in _vol.snapshots():
+        if s["id"] == h:
+            return _describe(s["name"])
+    return _describe("(deleted)")
 
 
 def get_size(h):
@@ -138,7 +165,7 @@ def block_size(h):
 
 
 def can_write(h):
-    return True
+    return not h  # snapshot exports are read-only: nbdkit refuses writes with EPERM
 
 
 def can_flush(h):
@@ -150,15 +177,15 @@ def can_fua(h):
 
 
 def can_trim(h):
-    return True
+    return not h
 
 
 def can_zero(h):
-    return True
+    return not h
 
 
 def can_fast_zero(h):
-    return True
+    return not h
 
 
 def can_extents(h):
@@ -180,7 +207,10 @@ def _fail(what):
 
 
 def pread(h, buf, offset, flags):
-    if _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
+    if h:
+        if _lib.vol_snap_read(_v, h, _from_buffer(buf, require_writable=True), len(buf), offset):
+            _fail("read")
+    elif _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
         _fail("read")
 
 
@@ -206,7 +236,7 @@ def zero(h, count, offset, flags):
 
 def extents(h, count, offset, flags):
     try:
-        ext = _vol.extents(count, offset, 1 if flags & nbdkit.FLAG_REQ_ONE else 1024)
+        ext = _vol.extents(count, offset, 1 if flags & nbdkit.FLAG_REQ_ONE else 1024, snapshot=h)
     except BlockrepError as e:
         nbdkit.set_error(e.errno)
         raise
