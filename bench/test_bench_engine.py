@@ -171,3 +171,62 @@ def test_bench_checkpoint_of_1_gib_written(benchmark, vol):
     t = time.perf_counter()
     benchmark.pedantic(vol.checkpoint, rounds=3, iterations=1)
     del t
+
+
+@pytest.mark.parametrize("written_mib", [32, 2048])
+def test_bench_snapshot_create_vs_data_written(benchmark, tmp_path, written_mib):
+    """Snapshot create after 32 MiB vs 2 GiB written (and flushed): must be flat (<= 1.5x)."""
+    p = tmp_path / "s"
+    volume.create(p, 4 << 30)
+    with Volume.open(p) as v:
+        chunk = os.urandom(MiB)
+        for i in range(written_mib):
+            v.write(chunk, i * MiB)
+        v.flush()
+        n = {"i": 0}
+
+        def run():
+            n["i"] += 1
+            v.snapshot_create(f"s{n['i']}")
+            v.write(b"x" * BS, n["i"] * BS)  # one change between snapshots, as in real use
+        benchmark.pedantic(run, rounds=20, iterations=1)
+        ms = benchmark.stats.stats.median * 1000
+        benchmark.extra_info["median_ms"] = ms
+        print(f"\nsnapshot create after {written_mib} MiB written: {ms:.2f} ms (median of 20)")
+
+
+def test_bench_diff_of_1_tib_volume(benchmark, tmp_path):
+    """Changed extents between two snapshots of a 1 TiB volume, 10,000 scattered 4 KiB writes
+    before the first and 10,000 between them (target <= 50 ms)."""
+    volume.create(tmp_path / "d", 1 << 40)
+    with Volume.open(tmp_path / "d") as v:
+        for o in _offsets(10000, blocks=(1 << 40) // BS, seed=1):
+            v.write(b"a" * BS, o)
+        a = v.snapshot_create("a")
+        for o in _offsets(10000, blocks=(1 << 40) // BS, seed=2):
+            v.write(b"b" * BS, o)
+        b = v.snapshot_create("b")
+        ext = benchmark(v.diff_ids, a["id"], b["id"])
+        assert len(ext) >= 9000
+        print(f"\ndiff on 1 TiB: {benchmark.stats.stats.median * 1000:.1f} ms for {len(ext)} extents (target <= 50)")
+
+
+def test_bench_disk_use_after_snapshot_delete_and_overwrite(benchmark, tmp_path):
+    """64 MiB written, snapshot, all of it overwritten, snapshot deleted, collector: disk use / live."""
+    p = tmp_path / "g"
+    volume.create(p, 256 * MiB)
+    with Volume.open(p) as v:
+        for i in range(64):
+            v.write(os.urandom(MiB), i * MiB)
+        v.snapshot_create("old")
+        for i in range(64):
+            v.write(os.urandom(MiB), i * MiB)
+        held = v.stats()["used_bytes"]
+        v.snapshot_delete("old")
+        benchmark.pedantic(v.collect, rounds=1, iterations=1)
+        st = v.stats()
+        ratio = st["used_bytes"] / (st["live_blocks"] * BS)
+        benchmark.extra_info["disk_use_ratio"] = ratio
+        print(f"\nwith the snapshot: {held / MiB:.0f} MiB on disk; after delete + collector: "
+              f"{ratio:.2f} x live data")
+        assert ratio < 1.5
