@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import time
 
 import pytest
 from conftest import BLOCKREP, pid_alive, run_blockrep, tree_state, unix_socket_accepts
@@ -335,6 +336,22 @@ def test_stop_returns_after_exit_and_socket_gone(server):
     assert server.info()["served"] is False
     server.start()
     assert server.connect().pread(4096, 0) == b"x" * 4096
+
+
+def test_stop_with_a_client_still_connected_keeps_its_unflushed_writes(server):
+    """nbdkit waits for connected clients on SIGTERM: stop flushes through the control socket,
+    then ends the server anyway after a grace period, losing nothing."""
+    pid = server.pid
+    h = server.connect()
+    h.pwrite(b"y" * 8192, 1 << 20)  # acknowledged, never flushed; the client stays connected
+    t0 = time.monotonic()
+    r = run_blockrep("stop", server.vol)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 30
+    assert not pid_alive(pid)
+    server.close_handles()
+    server.start()
+    assert server.connect().pread(8192, 1 << 20) == b"y" * 8192
 
 
 def test_stop_after_sigkill_cleans_up_and_succeeds(server):
