@@ -168,23 +168,6 @@ int blockmap_set(blockmap *m, uint64_t lba, bm_entry e, bm_entry *old)
     return 0;
 }
 
-int blockmap_put_leaf(blockmap *m, uint64_t li, const bm_entry *entries)
-{
-    bm_leaf *l = writable_leaf(m, li << BM_LEAF_SHIFT);
-    if (!l)
-        return -1;
-    memcpy(l->e, entries, sizeof l->e);
-    uint32_t g = 0;
-    for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++)
-        if (entries[i].gen > g)
-            g = entries[i].gen;
-    l->maxgen = g;
-    bm_mid *md = m->mid[li >> BM_MID_SHIFT];
-    if (g > md->maxgen)
-        md->maxgen = g;
-    return 0;
-}
-
 bm_leaf *blockmap_leaf_new(const bm_entry *entries)
 {
     bm_leaf *l = malloc(sizeof *l);

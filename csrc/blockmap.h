@@ -82,9 +82,6 @@ int blockmap_set(blockmap *m, uint64_t lba, bm_entry e, bm_entry *old);
 /* Leaf iteration: the leaf covering leaf index li (lba >> 9), or NULL if absent. */
 const bm_leaf *blockmap_leaf(const blockmap *m, uint64_t li);
 
-/* Install a whole leaf's entries (loading a checkpoint). */
-int blockmap_put_leaf(blockmap *m, uint64_t li, const bm_entry *entries);
-
 /* A new unattached leaf holding these entries (refs 0), and attaching one to a map at leaf
  * index li (refs + 1): how a checkpoint's shared leaves are shared again after loading. */
 bm_leaf *blockmap_leaf_new(const bm_entry *entries);

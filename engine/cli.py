@@ -12,7 +12,7 @@ from . import control, ops, server
 from .errors import BlockrepError, InvalidArgument
 from .freeze import quiesced
 from .units import format_size, parse_size
-from .volume import Lock, Volume, create, disk_usage, read_params
+from .volume import Lock, Volume, create, disk_usage, read_params, validate_snapshot_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,8 +124,7 @@ def _print_json(obj) -> None:
 
 
 def cmd_snapshot_create(a) -> int:
-    if a.name:
-        from .volume import validate_snapshot_name
+    if a.name is not None:  # --name "" is a bad name, not "use the default"
         validate_snapshot_name(a.name)
     with quiesced(freeze=a.freeze, pre=a.pre, post=a.post):
         snap = run_op(a.volume, "snapshot_create", name=a.name)
@@ -145,6 +144,7 @@ def cmd_snapshot_list(a) -> int:
 
 
 def cmd_snapshot_delete(a) -> int:
+    validate_snapshot_name(a.name)  # before the volume is opened: a bad name changes nothing
     run_op(a.volume, "snapshot_delete", name=a.name)
     return 0
 
@@ -158,6 +158,8 @@ def cmd_snapshot_prune(a) -> int:
 
 
 def cmd_diff(a) -> int:
+    validate_snapshot_name(getattr(a, "from"))
+    validate_snapshot_name(a.to)
     extents = run_op(a.volume, "diff", from_name=getattr(a, "from"), to_name=a.to)
     if a.json:
         _print_json(extents)

@@ -14,7 +14,7 @@ from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
 def snapshot_create(vol: Volume, name: str | None = None) -> dict:
-    return vol.snapshot_create(validate_snapshot_name(name) if name else default_snapshot_name())
+    return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name))
 
 
 def snapshot_list(vol: Volume) -> list[dict]:
