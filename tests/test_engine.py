@@ -262,3 +262,69 @@ def test_map_memory_is_at_most_16_bytes_per_written_block_plus_constant(tmp_path
         st = v.stats()
         blocks = 64 * MiB // 4096
         assert st["map_bytes"] <= 16 * blocks + 64 * 1024
+
+
+def test_collector_keeps_blocks_only_a_snapshot_references(vol):
+    old = os.urandom(2 * MiB)
+    vol.write(old, 0)
+    snap = vol.snapshot_create("keep")
+    for _ in range(4):
+        vol.write(os.urandom(2 * MiB), 0)
+    vol.collect(ratio=1.0)
+    assert vol.snapshot_read(snap["id"], 2 * MiB, 0) == old
+    v2 = reopen(vol)
+    try:
+        assert v2.snapshot_read(snap["id"], 2 * MiB, 0) == old
+    finally:
+        v2.close()
+
+
+def test_deleting_a_snapshot_lets_the_collector_reclaim_its_data(vol):
+    vol.write(os.urandom(4 * MiB), 0)
+    vol.snapshot_create("old")
+    vol.write(os.urandom(4 * MiB), 0)
+    vol.collect()
+    held = vol.stats()["used_bytes"]
+    assert held > 8 * MiB
+    vol.snapshot_delete("old")
+    vol.collect()
+    assert vol.stats()["used_bytes"] < held - 3 * MiB
+
+
+def test_checkpoint_keeps_leaves_shared_between_snapshots_and_head(tmp_path):
+    volume.create(tmp_path / "s", 256 * MiB)
+    with Volume.open(tmp_path / "s") as v:
+        v.write(os.urandom(MiB) * 64, 0)
+        for i in range(10):
+            v.snapshot_create(f"s{i}")
+        v.write(b"z" * 4096, 0)  # copies one leaf
+        before = v.stats()["map_bytes"]
+    with Volume.open(tmp_path / "s") as v:
+        assert len(v.snapshots()) == 10
+        assert v.stats()["map_bytes"] == before
+        assert (tmp_path / "s" / "checkpoint").stat().st_size < 3 * 64 * MiB // 4096 * 16
+
+
+def test_snapshots_taken_after_the_checkpoint_come_back_after_a_crash(vol):
+    a = os.urandom(64 * 1024)
+    vol.write(a, 0)
+    vol.checkpoint()
+    snap = vol.snapshot_create("after-ckpt")
+    vol.write(os.urandom(64 * 1024), 0)
+    path = vol.path
+    vol.abandon()
+    with Volume.open(path) as v:
+        assert [s["name"] for s in v.snapshots()] == ["after-ckpt"]
+        assert v.snapshot_read(snap["id"], 64 * 1024, 0) == a
+
+
+def test_diff_since_creation_and_between_snapshots(vol):
+    vol.write(b"a" * 4096, 0)
+    a = vol.snapshot_create("a")
+    vol.write(b"b" * 8192, 1 * MiB)
+    vol.trim(4096, 0)
+    vol.zero(4096, 5 * MiB)  # never written: no change
+    b = vol.snapshot_create("b")
+    assert vol.diff_ids(None, a["id"]) == [(0, 4096)]
+    assert vol.diff("a", "b") == [(0, 4096), (1 * MiB, 8192)]
+    assert vol.diff_ids(b["id"], 0) == []
