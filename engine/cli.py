@@ -169,6 +169,53 @@ def cmd_diff(a) -> int:
     return 0
 
 
+def cmd_replicate(a) -> int:
+    from .replicate import replicate
+    for n in (a.keep_local, a.keep_remote):
+        if n is not None and n < 1:
+            raise InvalidArgument("--keep-local/--keep-remote must be at least 1 (the common base)")
+    if a.snapshot:
+        from .volume import validate_snapshot_name
+        validate_snapshot_name(a.snapshot)
+    res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
+                    rate=a.rate, full=a.full, progress=sys.stderr.isatty() and not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        how = "full copy" if res.get("full") else f"since {res.get('base')}"
+        print(f"replicated {res['snapshot']} ({how}): {format_size(res['bytes_sent'])} sent, "
+              f"{res['extents']} extents, {res['seconds']} s")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from .replicate import verify
+    bad = verify(a.volume, a.snapshot, a.against)
+    for e in bad:
+        print(f"{e['offset']} {e['length']}")
+    if bad:
+        print(f"blockrep: error: {a.snapshot} differs from {a.against} in {len(bad)} extent(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(a) -> int:
+    from .replicate import status
+    rows = status(a.volume)
+    if a.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no replication targets yet")
+    for r in rows:
+        rpo = f"{r['rpo_seconds']} s" if r["rpo_seconds"] is not None else "-"
+        pend = format_size(r["pending_bytes"]) if r["pending_bytes"] is not None else "-"
+        rate = format_size(r["last_rate"]) + "/s" if r["last_rate"] else "-"
+        print(f"{r['target']}: snapshot {r['snapshot']}, RPO {rpo}, pending {pend}, last rate {rate}, "
+              f"last error {r['last_error'] or 'none'}")
+    return 0
+
+
 def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
                        foreground=a.foreground)
@@ -244,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("to", metavar="TO")
     df.add_argument("--json", action="store_true")
     df.set_defaults(func=cmd_diff)
+
+    rp = sub.add_parser("replicate", help="ship a snapshot's changes to a DR NBD export")
+    rp.add_argument("volume")
+    rp.add_argument("--to", required=True, metavar="URI", help="nbd://, nbds://, nbd+unix:// (libnbd URIs)")
+    rp.add_argument("--snapshot", help="snapshot to ship (default: take one now)")
+    rp.add_argument("--keep-local", type=int, metavar="N")
+    rp.add_argument("--keep-remote", type=int, metavar="N")
+    rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s")
+    rp.add_argument("--full", action="store_true", help="send everything, not only the delta")
+    rp.add_argument("--json", action="store_true")
+    rp.set_defaults(func=cmd_replicate)
+
+    vf = sub.add_parser("verify", help="prove a DR snapshot equals the local one (checksums)")
+    vf.add_argument("volume")
+    vf.add_argument("snapshot")
+    vf.add_argument("--against", required=True, metavar="URI")
+    vf.set_defaults(func=cmd_verify)
+
+    st = sub.add_parser("status", help="replication targets: newest replicated snapshot, RPO, pending bytes")
+    st.add_argument("volume")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
 
     t = sub.add_parser("stop", help="stop serving a volume")
     t.add_argument("volume")

@@ -42,10 +42,20 @@ def snapshot_prune(vol: Volume, keep: int) -> list[str]:
     return doomed
 
 
-def diff(vol: Volume, from_name: str, to_name: str) -> list[dict]:
-    validate_snapshot_name(from_name)
-    validate_snapshot_name(to_name)
-    return [{"offset": o, "length": n} for o, n in vol.diff(from_name, to_name)]
+def diff(vol: Volume, from_name: str | None, to_name: str) -> list[dict]:
+    """Changed extents from snapshot from_name (None: since the volume was created) to to_name."""
+    to = vol.snapshot(validate_snapshot_name(to_name))
+    if from_name is None:
+        ext = vol.diff_ids(None, to["id"])
+    else:
+        validate_snapshot_name(from_name)
+        ext = vol.diff(from_name, to_name)
+    return [{"offset": o, "length": n} for o, n in ext]
+
+
+def pending(vol: Volume, since: str) -> int:
+    """Bytes the head changed since snapshot `since` (what the next replication would ship)."""
+    return sum(n for _, n in vol.diff_ids(vol.snapshot(validate_snapshot_name(since))["id"], 0))
 
 
 def info(vol: Volume) -> dict:
@@ -67,6 +77,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "snapshot_delete": snapshot_delete,
     "snapshot_prune": snapshot_prune,
     "diff": diff,
+    "pending": pending,
     "info": info,
     "flush": flush,
 }

@@ -55,8 +55,9 @@ def validate_snapshot_name(name: str) -> str:
 
 
 def default_snapshot_name() -> str:
-    """A UTC timestamp, e.g. 20261125T081500Z (valid as a name, sorts by time)."""
-    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")[:-3]
+    """A UTC timestamp with milliseconds, e.g. 20261125T081500123Z (a valid name; sorts by time)."""
+    now = _dt.datetime.now(_dt.UTC)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
 
 
 @dataclass

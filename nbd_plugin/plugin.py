@@ -23,6 +23,7 @@ if _ROOT not in sys.path:
 
 import nbdkit  # noqa: E402
 
+from engine import dr  # noqa: E402
 from engine.control import ControlServer, socket_path  # noqa: E402
 from engine.errors import BlockrepError  # noqa: E402
 from engine.volume import Volume  # noqa: E402
@@ -133,16 +134,23 @@ def _describe(snapshot):
     return f"blockrep volume uuid={_vol.params.uuid} snapshot={snapshot}"
 
 
+# Handles: 0 = the head; N > 0 = snapshot id N (read-only); -1 = an empty export (the answer
+# to a DR command); -(N + 2) = the checksum export of snapshot N (see engine/dr.py).
+EMPTY = -1
+
+
 def open(readonly):
-    """The handle is the map to serve: 0 = the head, N > 0 = snapshot id N (read-only)."""
     name = nbdkit.export_name()
     if name == "":
         return 0
-    if name.startswith("@"):
-        try:
+    try:
+        if name.startswith("@"):
             return _vol.snapshot(name[1:])["id"]
-        except BlockrepError:
-            pass
+        if name.startswith("!"):  # DR commands from a replicating primary (engine/dr.py)
+            return dr.open_command(_vol, name, readonly)
+    except BlockrepError as e:
+        nbdkit.set_error(e.errno)
+        raise RuntimeError(str(e)) from None
     nbdkit.set_error(errno.ENOENT)
     raise RuntimeError(f"no export named {name!r} (the live volume is \"\", snapshots are @NAME)")
 
@@ -150,6 +158,8 @@ def open(readonly):
 def export_description(h):
     if not h:
         return _describe(None)
+    if h < 0:
+        return "blockrep DR command" if h == EMPTY else "blockrep checksums"
     for s in _vol.snapshots():
         if s["id"] == h:
             return _describe(s["name"])
@@ -157,6 +167,8 @@ def export_description(h):
 
 
 def get_size(h):
+    if h < 0:
+        return 0 if h == EMPTY else dr.sums_size(_vol)
     return _vol.size
 
 
@@ -207,11 +219,18 @@ def _fail(what):
 
 
 def pread(h, buf, offset, flags):
-    if h:
+    if not h:
+        if _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
+            _fail("read")
+    elif h > 0:
         if _lib.vol_snap_read(_v, h, _from_buffer(buf, require_writable=True), len(buf), offset):
             _fail("read")
-    elif _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
-        _fail("read")
+    else:
+        try:
+            dr.read_sums(_vol, -h - 2, buf, offset)
+        except BlockrepError as e:
+            nbdkit.set_error(e.errno)
+            raise
 
 
 def pwrite(h, buf, offset, flags):
@@ -235,6 +254,8 @@ def zero(h, count, offset, flags):
 
 
 def extents(h, count, offset, flags):
+    if h < 0:
+        return [(offset, count, 0)]
     try:
         ext = _vol.extents(count, offset, 1 if flags & nbdkit.FLAG_REQ_ONE else 1024, snapshot=h)
     except BlockrepError as e:
