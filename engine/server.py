@@ -159,6 +159,21 @@ def _cleanup_stale(vol: Path, sock: Path) -> None:
         sock.unlink()
 
 
+def client_uri(hp: tuple[str, int] | None, sock: Path, psk: Path | None) -> str:
+    """The libnbd URI of the live export; with TLS it carries the PSK file and its first
+    username, so local tools (replicate, verify) can connect as they are."""
+    if not psk:
+        return f"nbd://{hp[0]}:{hp[1]}/" if hp else f"nbd+unix:///?socket={sock}"
+    try:
+        user = psk.read_text().split(":", 1)[0].strip() or "blockrep"
+    except OSError:
+        user = "blockrep"
+    host = "127.0.0.1" if hp and hp[0] in ("0.0.0.0", "::") else (hp[0] if hp else "")
+    if hp:
+        return f"nbds://{user}@{host}:{hp[1]}/?tls-psk-file={psk}"
+    return f"nbds+unix://{user}@/?socket={sock}&tls-psk-file={psk}"
+
+
 def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
                    tls_psk: Path | None, foreground: bool) -> list[str]:
     cmd = [NBDKIT, "-P", str(pid_file(vol))]
@@ -204,8 +219,7 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
         print(f"blockrep: warning: serving {vol} on {hp[0]}:{hp[1]} without TLS; "
               "anyone who can reach it can read and write the volume (use --tls-psk)",
               file=sys.stderr)
-    uri = (f"nbd{'s' if psk else ''}://{hp[0]}:{hp[1]}/" if hp
-           else f"nbd{'s' if psk else ''}+unix:///?socket={sock}")
+    uri = client_uri(hp, sock, psk)
     cmd = nbdkit_command(vol, sock, hp, psk, foreground)
     (vol / "serve.json").write_text(json.dumps({"uri": uri, "socket": None if hp else str(sock)}) + "\n")
     if foreground:
