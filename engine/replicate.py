@@ -175,7 +175,12 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
                 base = common[-1] if common else None
             elif tstate.get("snapshot") in older:
                 base = tstate["snapshot"]
-        extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=base, to_name=snapshot)]
+        if base is None:
+            # the seed: the whole volume, so the target ends up equal even where it held old data;
+            # holes go as write-zeroes commands (block status of the snapshot), data as writes
+            extents = [(0, params.size)]
+        else:
+            extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=base, to_name=snapshot)]
         total = sum(n for _, n in extents)
         resume = 0
         prog = tstate.get("in_progress") or {}

@@ -92,18 +92,26 @@ class Stats:
                 "seconds": round(time.monotonic() - self.started, 3)}
 
 
-def plan_chunks(extents: list[tuple[int, int]], start: int = 0) -> list[tuple[int, int, int]]:
-    """Cut extents into (plan_offset, offset, length) chunks of at most CHUNK bytes, where
-    plan_offset counts bytes of the plan (for resuming); skips the first `start` plan bytes."""
+ZERO_CHUNK = 1 << 30  # a hole is sent as write-zeroes commands of up to 1 GiB
+
+
+def plan_chunks(src, extents: list[tuple[int, int]], start: int = 0) -> list[tuple[int, int, int, bool]]:
+    """Cut extents into (plan_offset, offset, length, is_zero) chunks: data in pieces of at most
+    CHUNK bytes, holes (block status of the source) in pieces of at most ZERO_CHUNK. plan_offset
+    counts bytes of the plan, for resuming; the first `start` plan bytes are skipped."""
     out, pos = [], 0
     for off, length in extents:
         o = off
-        while o < off + length:
-            n = min(CHUNK, off + length - o)
-            if pos + n > start:
-                out.append((pos, o, n))
-            pos += n
-            o += n
+        for ext_len, flags in _block_status(src, off, length):
+            zero = bool(flags & nbd.STATE_ZERO)
+            step = ZERO_CHUNK if zero else CHUNK
+            end = o + ext_len
+            while o < end:
+                n = min(step, end - o)
+                if pos + n > start:
+                    out.append((pos, o, n, zero))
+                pos += n
+                o += n
     return out
 
 
@@ -113,7 +121,11 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
                  on_progress: Callable[[Stats, int], None] | None = None) -> Stats:
     """Copy `extents` of the source export to the same offsets of the target. Returns Stats.
     on_progress(stats, done_upto) is called whenever the confirmed prefix of the plan grows."""
-    chunks = plan_chunks(extents, resume_from)
+    planner = connect(source_uri, source_export)
+    try:
+        chunks = plan_chunks(planner, extents, resume_from)
+    finally:
+        _close(planner)
     stats = Stats()
     limiter = RateLimiter(rate)
     work: queue.Queue = queue.Queue()
@@ -136,32 +148,31 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
             return
         conns.append(dst)
         can_zero = dst.can_zero()
+        off = 0
         try:
             while not stop.is_set():
                 try:
-                    plan_off, off, n = work.get_nowait()
+                    plan_off, off, n, zero = work.get_nowait()
                 except queue.Empty:
                     break
                 sent = zeroed = skipped = 0
-                pos = off
-                for ext_len, flags in _block_status(src, off, n):
-                    if flags & nbd.STATE_ZERO:
-                        if can_zero:
-                            dst.zero(ext_len, pos)
-                        else:
-                            dst.pwrite(bytes(ext_len), pos)
-                        zeroed += ext_len
+                if zero:
+                    if can_zero:
+                        dst.zero(n, off)
                     else:
-                        data = src.pread(ext_len, pos)
-                        runs = [(0, ext_len)]
-                        if base is not None:
-                            runs = _differing_runs(data, base.pread(ext_len, pos))
-                            skipped += ext_len - sum(r[1] for r in runs)
-                        for r_off, r_len in runs:
-                            limiter.take(r_len)
-                            dst.pwrite(data[r_off:r_off + r_len], pos + r_off)
-                            sent += r_len
-                    pos += ext_len
+                        for o in range(off, off + n, CHUNK):
+                            dst.pwrite(bytes(min(CHUNK, off + n - o)), o)
+                    zeroed = n
+                else:
+                    data = src.pread(n, off)
+                    runs = [(0, n)]
+                    if base is not None:
+                        runs = _differing_runs(data, base.pread(n, off))
+                        skipped = n - sum(r[1] for r in runs)
+                    for r_off, r_len in runs:
+                        limiter.take(r_len)
+                        dst.pwrite(data[r_off:r_off + r_len], off + r_off)
+                        sent += r_len
                 with lock:
                     stats.bytes_sent += sent
                     stats.bytes_zeroed += zeroed
@@ -170,7 +181,7 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
                     stats.bytes_done += n
                     done[plan_off] = n
         except nbd.Error as e:
-            errors.append(TransferError(f"transfer failed at offset {off}: {e}"))
+            errors.append(TransferError(f"transfer failed at offset {off}: {e.string}"))
             stop.set()
         except BaseException as e:
             errors.append(e)
