@@ -15,6 +15,10 @@ PY=.venv/bin/python
 status=0
 "$PY" bench/fio_compare.py "$@" || status=$?
 
+if [ -x .venv/bin/python ]; then
+    .venv/bin/python bench/replication_bench.py || status=$?
+fi
+
 if ls bench/test_bench_*.py >/dev/null 2>&1; then
     if [ -x .venv/bin/python ]; then
         mkdir -p bench/results
