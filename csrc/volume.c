@@ -737,8 +737,15 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
         if (v->p.compress) {
             uint32_t k = (uint32_t)(n - done < MAX_COMP_BLOCKS ? n - done : MAX_COMP_BLOCKS);
             const uint8_t *src = data + done * BS;
+            /* Probe the first block: data that does not compress (media, encrypted, already
+             * compressed) is stored raw without paying for compressing the whole group. */
             size_t cl = ZSTD_compressCCtx(v->cctx, v->zbuf, ZSTD_compressBound(MAX_COMP_BLOCKS * BS),
-                                          src, (size_t)k * BS, v->p.zstd_level);
+                                          src, BS, v->p.zstd_level);
+            if (!ZSTD_isError(cl) && cl < BS - BS / 8)
+                cl = ZSTD_compressCCtx(v->cctx, v->zbuf, ZSTD_compressBound(MAX_COMP_BLOCKS * BS),
+                                       src, (size_t)k * BS, v->p.zstd_level);
+            else
+                cl = (size_t)k * BS; /* incompressible: raw */
             int more = (done + k < n || more_after) ? F_MORE : 0;
             uint64_t rec_off, pay;
             if (!ZSTD_isError(cl) && cl < (size_t)k * BS - 512) {

@@ -124,8 +124,18 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
     planner = connect(source_uri, source_export)
     try:
         chunks = plan_chunks(planner, extents, resume_from)
+    except nbd.Error as e:
+        raise TransferError(f"cannot read the block status of {source_export!r}: {e.string}") from None
     finally:
         _close(planner)
+    # A target that does not advertise multi-conn may serve one connection at a time (qemu-nbd's
+    # default --shared=1 does): the other workers' connections would wait forever. Use one there.
+    probe = connect(target_uri, target_export)
+    try:
+        if not probe.can_multi_conn():
+            workers = 1
+    finally:
+        _close(probe)
     stats = Stats()
     limiter = RateLimiter(rate)
     work: queue.Queue = queue.Queue()
@@ -192,32 +202,43 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
         t.start()
     confirmed = resume_from
     last_confirm = time.monotonic()
-    while any(t.is_alive() for t in threads):
-        for t in threads:
-            t.join(0.2)
-        if on_progress and time.monotonic() - last_confirm > 5 and not errors:
-            confirmed = _confirm(conns, done, confirmed, lock)
+    try:
+        while any(t.is_alive() for t in threads):
+            for t in threads:
+                t.join(0.2)
+            if on_progress and time.monotonic() - last_confirm > 5 and not errors:
+                try:
+                    confirmed = _confirm(conns, done, confirmed, lock)
+                except TransferError as e:  # the target went away: stop the workers, report it
+                    errors.append(e)
+                    stop.set()
+                    continue
+                on_progress(stats, confirmed)
+                last_confirm = time.monotonic()
+        if errors:
+            e = errors[0]
+            raise e if isinstance(e, BlockrepError) else TransferError(str(e))
+        confirmed = _confirm(conns, done, confirmed, lock)
+        if on_progress:
             on_progress(stats, confirmed)
-            last_confirm = time.monotonic()
-    if errors:
+    finally:
         for c in conns:
             _close(c)
-        e = errors[0]
-        raise e if isinstance(e, BlockrepError) else TransferError(str(e))
-    confirmed = _confirm(conns, done, confirmed, lock)
-    if on_progress:
-        on_progress(stats, confirmed)
-    for c in conns:
-        _close(c)
     return stats
 
 
 def _confirm(conns, done: dict[int, int], confirmed: int, lock) -> int:
-    """Flush every target connection, then advance the confirmed prefix over finished chunks."""
+    """Flush every target connection, then advance the confirmed prefix over finished chunks.
+    A target that cannot flush (e.g. nbd-server without `flush = true`) writes through: its
+    completed writes are as durable as they will get."""
     with lock:
         snapshot = dict(done)
-    for c in list(conns):
-        c.flush()
+    try:
+        for c in list(conns):
+            if c.can_flush():
+                c.flush()
+    except nbd.Error as e:
+        raise TransferError(f"flush failed: {e.string}") from None
     while confirmed in snapshot:
         n = snapshot[confirmed]
         with lock:
