@@ -191,9 +191,19 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
         prog = tstate.get("in_progress") or {}
         if prog.get("snapshot") == snapshot and prog.get("base") == base:
             resume = int(prog.get("done_upto", 0))
+            suppress = bool(prog.get("suppress"))
+        else:
+            # Rewrite suppression skips blocks equal to the base: safe only while the target's
+            # head is known to hold exactly the base (an interrupted transfer of another snapshot
+            # may have left newer data there, which a skipped block would keep).
+            suppress = base is not None and tstate.get("head") == base
+        tstate["head"] = None  # from here until success the target head is in between
+        tstate["in_progress"] = {"snapshot": snapshot, "base": base, "done_upto": resume, "suppress": suppress}
+        save_state(vol, state)
 
         def save_progress(stats, confirmed):
-            tstate["in_progress"] = {"snapshot": snapshot, "base": base, "done_upto": confirmed}
+            tstate["in_progress"] = {"snapshot": snapshot, "base": base, "done_upto": confirmed,
+                                     "suppress": suppress}
             save_state(vol, state)
             show(stats, confirmed)
 
@@ -203,7 +213,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
         while True:
             try:
                 st = copy_extents(src, "@" + snapshot, to, None, extents,
-                                  base_export=("@" + base) if base else None, rate=rate,
+                                  base_export=f"@{base}" if suppress and base else None, rate=rate,
                                   resume_from=resume, on_progress=save_progress)
                 for k in sent:
                     sent[k] += st.as_dict()[k]
@@ -222,7 +232,8 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
         if target["blockrep"]:
             dr_command(to, "commit", snapshot)
         seconds = time.monotonic() - t0
-        tstate.update({"snapshot": snapshot, "replicated_at": _now(), "bytes_sent": sent["bytes_sent"],
+        tstate.update({"snapshot": snapshot, "head": snapshot, "replicated_at": _now(),
+                       "bytes_sent": sent["bytes_sent"],
                        "rate": round(sent["bytes_sent"] / seconds) if seconds else 0, "last_error": None,
                        "blockrep": target["blockrep"]})
         tstate.pop("in_progress", None)

@@ -61,6 +61,10 @@ def connect(uri: str, export: str | None = None) -> nbd.NBD:
 
 
 class RateLimiter:
+    """Paces writes so that the bytes released by time T never exceed rate x T: each caller waits
+    until the link time of its own bytes has passed (no initial burst of a whole chunk, which on
+    a slow link would saturate it for seconds)."""
+
     def __init__(self, rate: float | None):
         self.rate = rate
         self.lock = threading.Lock()
@@ -71,10 +75,10 @@ class RateLimiter:
             return
         with self.lock:
             now = time.monotonic()
-            start = max(now, self.next)
-            self.next = start + n / self.rate
-        if start > now:
-            time.sleep(start - now)
+            self.next = max(now, self.next) + n / self.rate
+            until = self.next
+        if until > now:
+            time.sleep(until - now)
 
 
 @dataclass
@@ -216,8 +220,8 @@ def copy_extents(source_uri: str, source_export: str, target_uri: str, target_ex
                 on_progress(stats, confirmed)
                 last_confirm = time.monotonic()
         if errors:
-            e = errors[0]
-            raise e if isinstance(e, BlockrepError) else TransferError(str(e))
+            first = errors[0]
+            raise first if isinstance(first, BlockrepError) else TransferError(str(first))
         confirmed = _confirm(conns, done, confirmed, lock)
         if on_progress:
             on_progress(stats, confirmed)
