@@ -74,13 +74,8 @@ def source_server(vol: Path):
         return
     with tempfile.TemporaryDirectory(prefix="blockrep-src-") as d:
         sock = Path(d) / "nbd.sock"
-        uri = server.serve(str(vol), socket_path=str(sock))
+        uri = server.serve(str(vol), socket_path=str(sock), private=True)  # dies with this process
         try:
-            # serve() returns once the NBD socket accepts, which nbdkit binds before after_fork
-            # starts the control socket: wait for it, or the first run_op may find no ctl.sock
-            deadline = time.monotonic() + 30
-            while not server.socket_accepts(control.socket_path(vol)) and time.monotonic() < deadline:
-                time.sleep(0.01)
             yield uri
         finally:
             server.stop(str(vol))

@@ -190,8 +190,11 @@ def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
 
 
 def serve(vol_path: str, socket_path: str | None = None, listen: str | None = None,
-          tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0) -> str:
-    """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line."""
+          tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0,
+          private: bool = False) -> str:
+    """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line.
+    private: a child of this process that dies with it (nbdkit --exit-with-parent), for commands
+    that serve an unserved volume while they run (replicate, verify)."""
     vol = Path(vol_path).resolve()
     read_params(vol)  # NotFound / UnsupportedFormat before anything starts
     if not os.access(vol, os.R_OK | os.W_OK | os.X_OK):
@@ -220,10 +223,16 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
               "anyone who can reach it can read and write the volume (use --tls-psk)",
               file=sys.stderr)
     uri = client_uri(hp, sock, psk)
-    cmd = nbdkit_command(vol, sock, hp, psk, foreground)
+    cmd = nbdkit_command(vol, sock, hp, psk, foreground or private)
     (vol / "serve.json").write_text(json.dumps({"uri": uri, "socket": None if hp else str(sock)}) + "\n")
     if foreground:
         os.execvpe(cmd[0], cmd, plugin_env())
+    if private:
+        cmd.insert(1, "--exit-with-parent")
+        proc = subprocess.Popen(cmd, env=plugin_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _PRIVATE[vol] = proc
+        return _wait_ready(vol, uri, hp, sock, timeout)
     try:
         r = subprocess.run(cmd, env=plugin_env(), stdin=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
@@ -235,15 +244,24 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     if r.returncode != 0:
         (vol / "serve.json").unlink(missing_ok=True)  # a failed start leaves nothing behind
         raise ServerError(_nbdkit_error(r.stderr.decode(errors="replace")))
+    return _wait_ready(vol, uri, hp, sock, timeout)
+
+
+_PRIVATE: dict[Path, subprocess.Popen] = {}
+
+
+def _wait_ready(vol: Path, uri: str, hp, sock: Path, timeout: float) -> str:
+    """nbdkit binds its socket before it forks and writes its pid file after; the plugin starts
+    the control socket after the fork: wait for all three, so that `stop`, `snapshot` (and
+    scripts) find the server as soon as `serve` returns."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        # nbdkit binds the socket before it forks and writes its pid file after: wait for both,
-        # so that `stop` (and scripts) find the daemon as soon as `serve` returns
-        pid = running_pid(vol)
-        if not pid and read_pid(vol):
+        raw = read_pid(vol)  # read once: a second read could see a pid file written in between
+        pid = raw if raw and _alive(raw) else None
+        if raw and not pid:
             break  # the pid file appeared (stale ones were removed first) and its process died
         ready = pid and (tcp_accepts("127.0.0.1" if hp[0] in ("0.0.0.0", "::") else hp[0], hp[1])
-                         if hp else socket_accepts(sock))
+                         if hp else socket_accepts(sock)) and socket_accepts(control.socket_path(vol))
         if ready:
             return uri
         time.sleep(0.02)
@@ -297,6 +315,9 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0) -> bool:
         if _alive(pid):
             raise ServerError(f"nbdkit pid {pid} did not exit")
     (vol / "ctl.sock").unlink(missing_ok=True)
+    child = _PRIVATE.pop(vol, None)
+    if child is not None:
+        child.wait()
     # nbdkit removes its pid file and socket on a clean exit; make sure.
     pid_file(vol).unlink(missing_ok=True)
     sock = _served_socket(vol)

@@ -774,8 +774,6 @@ def test_transient_write_errors_are_retried_then_succeed(make_server, targets, p
     assert status(p.vol)[0]["last_error"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="the private source server that replicate starts for an unserved volume "
-                   "outlives a SIGKILLed replicate: the volume stays 'already being served' on a temp socket")
 def test_killed_replicate_of_unserved_volume_leaves_no_server_behind(make_server, procs, tmp_path):
     p = make_server("primary")
     dr = make_server("dr")
