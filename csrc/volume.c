@@ -1676,6 +1676,20 @@ static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
             else
                 e = (bm_entry){bm_loc(BM_DATA, seg, pos + REC_HDR + 4ull * r->ncrc + (uint64_t)b * BS, 0),
                                get32(r->crcs + 4 * b), r->gen};
+            if (r->type == R_RELOC) {
+                /* The collector moved this version of the block (same generation, same bytes);
+                 * the maps that still hold that version (the head, snapshots, or only a
+                 * snapshot) now find it here. A map holding a newer version is left alone. */
+                for (uint32_t m = 0; m <= v->nsnaps; m++) {
+                    blockmap *map = m ? v->snaps[m - 1].map : v->head;
+                    bm_entry cur = blockmap_get(map, r->lba + b);
+                    unsigned k = bm_kind(cur.loc);
+                    if ((k == BM_DATA || k == BM_COMP) && cur.gen == e.gen && cur.crc == e.crc &&
+                        (k == BM_COMP) == !!(r->flags & F_COMP))
+                        blockmap_relocate(map, r->lba + b, cur.loc, e.loc);
+                }
+                continue;
+            }
             if (blockmap_set(v->head, r->lba + b, e, NULL) < 0)
                 return fail(ENOMEM, "out of memory during recovery");
         }

@@ -8,8 +8,11 @@ reach the plugin's open() only after the NBD handshake, so when the DR server re
   flushed); opening it again after a lost reply is harmless. Then serves NAME read-only.
 - `!delete@NAME`: delete DR snapshot NAME (the primary's --keep-remote); an empty export.
 - `!sums@NAME`: a read-only export of SUM_BYTES-byte BLAKE2b digests, one per SUM_CHUNK of
-  snapshot NAME, computed on read: `blockrep verify` compares them with the primary's, so only
-  checksums cross the network.
+  snapshot NAME (`!sums@` alone: of the head), computed on read: `blockrep verify` compares them
+  with the primary's, and `replicate` checks the head's digests of every chunk it shipped before
+  it commits, so only checksums cross the network.
+- `!changes@BASE`: the extents the DR head changed since its snapshot BASE, as little-endian
+  (offset u64, length u64) pairs: writes made at the DR site, which the next delta must undo.
 
 A DR snapshot therefore exists only after the primary has shipped and flushed its whole delta:
 an interrupted transfer never commits, and earlier DR snapshots are never written to.
@@ -18,13 +21,19 @@ an interrupted transfer never commits, and earlier DR snapshots are never writte
 from __future__ import annotations
 
 import hashlib
+import itertools
+import struct
 
 from .errors import InvalidArgument, ReadOnly
 from .volume import Volume, validate_snapshot_name
 
 SUM_CHUNK = 1 << 20
 SUM_BYTES = 16
+# Plugin handles below 0: EMPTY; -(N + 2) the digests of map N (0 = head); <= BLOB_BASE a blob.
 EMPTY = -1
+BLOB_BASE = -1_000_000
+_blobs: dict[int, bytes] = {}
+_next_blob = itertools.count(0)
 
 
 def sums_size(vol: Volume) -> int:
@@ -37,9 +46,16 @@ def chunk_sum(data: bytes) -> bytes:
 
 def open_command(vol: Volume, name: str, readonly: bool) -> int:
     verb, _, snap = name[1:].partition("@")
+    if verb == "sums" and snap == "":
+        return -2  # the head
     validate_snapshot_name(snap)
     if verb == "sums":
         return -(vol.snapshot(snap)["id"] + 2)
+    if verb == "changes":
+        ext = vol.diff_ids(vol.snapshot(snap)["id"], 0)
+        h = BLOB_BASE - next(_next_blob)
+        _blobs[h] = b"".join(struct.pack("<QQ", o, n) for o, n in ext)
+        return h
     if readonly:
         raise ReadOnly(f"export {name!r} changes the volume: open it read-write")
     if verb == "commit":
@@ -50,6 +66,25 @@ def open_command(vol: Volume, name: str, readonly: bool) -> int:
             vol.snapshot_delete(snap)
         return EMPTY
     raise InvalidArgument(f"unknown DR command {verb!r}")
+
+
+def handle_size(vol: Volume, h: int) -> int:
+    if h == EMPTY:
+        return 0
+    if h <= BLOB_BASE:
+        return len(_blobs.get(h, b""))
+    return sums_size(vol)
+
+
+def handle_pread(vol: Volume, h: int, buf, offset: int) -> None:
+    if h <= BLOB_BASE:
+        buf[:] = _blobs[h][offset:offset + len(buf)]
+    else:
+        read_sums(vol, -h - 2, buf, offset)
+
+
+def handle_close(h: int) -> None:
+    _blobs.pop(h, None)
 
 
 def read_sums(vol: Volume, sid: int, buf, offset: int) -> None:

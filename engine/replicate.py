@@ -21,6 +21,7 @@ import contextlib
 import datetime as _dt
 import json
 import os
+import struct
 import sys
 import tempfile
 import time
@@ -124,6 +125,70 @@ def dr_command(uri: str, verb: str, snapshot: str) -> None:
         h.shutdown()
 
 
+def _read_export(uri: str, export: str, ranges: list[tuple[int, int]] | None = None) -> bytes:
+    """The bytes of a (small) DR command export, whole or the given (offset, length) ranges."""
+    h = connect(uri, export)
+    try:
+        if ranges is None:
+            size = h.get_size()
+            return h.pread(size, 0) if size else b""
+        return b"".join(h.pread(n, o) for o, n in ranges)
+    except nbd.Error as e:
+        raise TransferError(f"reading {export!r} from {uri}: {e.string}") from None
+    finally:
+        with contextlib.suppress(nbd.Error):
+            h.shutdown()
+
+
+def dr_changes(uri: str, base: str) -> list[tuple[int, int]]:
+    """Extents the DR head changed since its snapshot `base` (writes made at the DR site)."""
+    data = _read_export(uri, f"!changes@{base}")
+    return [struct.unpack_from("<QQ", data, i) for i in range(0, len(data), 16)]
+
+
+def merge_extents(*lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for o, n in sorted(e for lst in lists for e in lst):
+        if out and o <= out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], o + n)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((o, n))
+    return out
+
+
+def chunks_of(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """Runs of SUM_CHUNK-aligned chunks (first index, count) that the extents touch."""
+    idx = sorted({i for o, n in extents for i in range(o // dr.SUM_CHUNK, (o + n - 1) // dr.SUM_CHUNK + 1)})
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][0] + runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((i, 1))
+    return runs
+
+
+def mismatched_chunks(src: str, snapshot: str, to: str, extents: list[tuple[int, int]],
+                      size: int) -> list[tuple[int, int]]:
+    """Compare the digests of every chunk the delta touched: the primary's snapshot against the
+    DR head (only digests cross the network). Returns the differing chunks as extents."""
+    runs = chunks_of(extents, size)
+    ranges = [(i * dr.SUM_BYTES, n * dr.SUM_BYTES) for i, n in runs]
+    mine = _read_export(src, f"!sums@{snapshot}", ranges)
+    theirs = _read_export(to, "!sums@", ranges)
+    bad: list[tuple[int, int]] = []
+    pos = 0
+    for i, n in runs:
+        for k in range(n):
+            a = mine[pos:pos + dr.SUM_BYTES]
+            if a != theirs[pos:pos + dr.SUM_BYTES]:
+                off = (i + k) * dr.SUM_CHUNK
+                bad.append((off, min(dr.SUM_CHUNK, size - off)))
+            pos += dr.SUM_BYTES
+    return bad
+
+
 # ---------- replicate ----------
 
 class Progress:
@@ -181,6 +246,11 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
             extents = [(0, params.size)]
         else:
             extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=base, to_name=snapshot)]
+        dr_dirty: list[tuple[int, int]] = []
+        if base is not None and target["blockrep"]:
+            # writes made at the DR site since the base: the delta must put those blocks back too
+            dr_dirty = dr_changes(to, base)
+            extents = merge_extents(extents, dr_dirty)
         total = sum(n for _, n in extents)
         resume = 0
         prog = tstate.get("in_progress") or {}
@@ -191,7 +261,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
             # Rewrite suppression skips blocks equal to the base: safe only while the target's
             # head is known to hold exactly the base (an interrupted transfer of another snapshot
             # may have left newer data there, which a skipped block would keep).
-            suppress = base is not None and tstate.get("head") == base
+            suppress = base is not None and tstate.get("head") == base and not dr_dirty
         tstate["head"] = None  # from here until success the target head is in between
         tstate["in_progress"] = {"snapshot": snapshot, "base": base, "done_upto": resume, "suppress": suppress}
         save_state(vol, state)
@@ -225,6 +295,21 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
                 resume = int((tstate.get("in_progress") or {}).get("done_upto", resume))
         show.done()
         if target["blockrep"]:
+            # Checksummed delta: the DR snapshot is committed only once the DR head's digest of
+            # every chunk the delta touched equals the primary's. A mismatch (bytes damaged on the
+            # way, a write at the DR meanwhile) is sent again once, then the run fails uncommitted.
+            for attempt_no in range(2):
+                bad = mismatched_chunks(src, snapshot, to, extents, params.size)
+                if not bad:
+                    break
+                tstate["last_error"] = f"{len(bad)} chunk(s) differ at the DR after the transfer"
+                save_state(vol, state)
+                if attempt_no == 1:
+                    raise TransferError(f"replication of {snapshot} to {to}: the DR copy of {len(bad)} chunk(s) "
+                                        "still differs after sending them again; DR snapshot not committed",
+                                        transient=False)
+                st = copy_extents(src, "@" + snapshot, to, None, bad, rate=rate)
+                sent["bytes_sent"] += st.bytes_sent
             dr_command(to, "commit", snapshot)
         seconds = time.monotonic() - t0
         tstate.update({"snapshot": snapshot, "head": snapshot, "replicated_at": _now(),

@@ -134,9 +134,9 @@ def _describe(snapshot):
     return f"blockrep volume uuid={_vol.params.uuid} snapshot={snapshot}"
 
 
-# Handles: 0 = the head; N > 0 = snapshot id N (read-only); -1 = an empty export (the answer
-# to a DR command); -(N + 2) = the checksum export of snapshot N (see engine/dr.py).
-EMPTY = -1
+# Handles: 0 = the head; N > 0 = snapshot id N (read-only); below 0 the read-only exports of DR
+# commands (engine/dr.py: empty, checksums, change lists).
+EMPTY = dr.EMPTY
 
 
 def open(readonly):
@@ -159,7 +159,7 @@ def export_description(h):
     if not h:
         return _describe(None)
     if h < 0:
-        return "blockrep DR command" if h == EMPTY else "blockrep checksums"
+        return "blockrep DR command"
     for s in _vol.snapshots():
         if s["id"] == h:
             return _describe(s["name"])
@@ -168,8 +168,13 @@ def export_description(h):
 
 def get_size(h):
     if h < 0:
-        return 0 if h == EMPTY else dr.sums_size(_vol)
+        return dr.handle_size(_vol, h)
     return _vol.size
+
+
+def close(h):
+    if h < 0:
+        dr.handle_close(h)
 
 
 def block_size(h):
@@ -227,7 +232,7 @@ def pread(h, buf, offset, flags):
             _fail("read")
     else:
         try:
-            dr.read_sums(_vol, -h - 2, buf, offset)
+            dr.handle_pread(_vol, h, buf, offset)
         except BlockrepError as e:
             nbdkit.set_error(e.errno)
             raise

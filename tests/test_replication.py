@@ -852,8 +852,6 @@ class CorruptingProxy:
         self.srv.close()
 
 
-@pytest.mark.xfail(strict=True, reason="R14 / DESIGN 'checksummed deltas': the delta is not verified at the DR "
-                   "before the DR snapshot is committed, so bytes corrupted in flight become a wrong snapshot")
 def test_bytes_corrupted_in_flight_never_become_a_dr_snapshot(make_server, tmp_path):
     p = make_server("primary")
     dr = make_server("dr")
@@ -873,8 +871,6 @@ def test_bytes_corrupted_in_flight_never_become_a_dr_snapshot(make_server, tmp_p
         assert r.returncode != 0
 
 
-@pytest.mark.xfail(strict=True, reason="R14: the DR head is trusted to hold the base; a head written at the DR "
-                   "site is carried into the next DR snapshot without any check")
 def test_dr_head_written_at_dr_site_is_not_carried_into_next_snapshot(make_server, tmp_path):
     p = make_server("primary")
     dr = make_server("dr")

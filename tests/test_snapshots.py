@@ -405,7 +405,8 @@ def test_snapshot_content_never_changes_across_writes_collector_restart_and_sigk
 def test_crash_after_the_collector_moved_snapshot_blocks_keeps_the_heads_newer_data(tmp_path):
     """Regression (found by the R18 churn test): the collector relocates a block that only a
     snapshot still maps (the head has a newer, flushed version); a crash before the collector's
-    checkpoint must not let recovery put the snapshot's old data back into the head.
+    checkpoint must not let recovery put the snapshot's old data back into the head, nor into a
+    snapshot taken after the relocation (R12).
     Deterministic: the engine in this process, one collector step, then `abandon` (a crash)."""
     from engine.volume import Volume, create
 
@@ -423,14 +424,16 @@ def test_crash_after_the_collector_moved_snapshot_blocks_keeps_the_heads_newer_d
         sealed = sorted(int(p.stem, 16) for p in (vol / "segments").glob("*.seg"))[:-1]
         moved = [seg for seg in sealed if lib.vol_gc_segment(v._v, seg) == 0]
         assert moved, "the collector moved nothing"
-        v.flush()
+        v.snapshot_create("S2")             # S2 maps block 0 = B (its create flushes)
         assert v.read(BS, 0) == b"B" * BS
     finally:
         v.abandon()  # crash before the collector's checkpoint
     with Volume.open(vol) as v:
-        sid = v.snapshot("S")["id"]
-        assert v.snapshot_read(sid, BS, 0) == b"A" * BS
-        assert v.read(BS, 0) == b"B" * BS, "recovery replayed the snapshot's relocated block into the head"
+        assert v.snapshot_read(v.snapshot("S")["id"], BS, 0) == b"A" * BS
+        head, s2 = v.read(BS, 0), v.snapshot_read(v.snapshot("S2")["id"], BS, 0)
+    assert head[:1] + s2[:1] == b"BB", (
+        f"after recovery the head reads {head[:1]!r} and S2 {s2[:1]!r} instead of b'B': recovery "
+        "replayed the relocation of S's block into the head (and S2 was cloned from it)")
 
 
 # --------------------------------------------------- the same commands, served and not served
