@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import control, ops, server
 from .errors import BlockrepError, InvalidArgument
-from .freeze import quiesced
+from .freeze import FreezeError, quiesced
 from .units import format_size, parse_size
 from .volume import Lock, Volume, create, disk_usage, read_params, validate_snapshot_name
 
@@ -126,8 +126,16 @@ def _print_json(obj) -> None:
 def cmd_snapshot_create(a) -> int:
     if a.name is not None:  # --name "" is a bad name, not "use the default"
         validate_snapshot_name(a.name)
-    with quiesced(freeze=a.freeze, pre=a.pre, post=a.post):
-        snap = run_op(a.volume, "snapshot_create", name=a.name)
+    snap = None
+    try:
+        with quiesced(freeze=a.freeze, pre=a.pre, post=a.post):
+            snap = run_op(a.volume, "snapshot_create", name=a.name)
+    except FreezeError as e:
+        if snap is None:
+            raise
+        # the snapshot exists (and is consistent): say so, and which one, but fail the command
+        print(snap["name"])
+        raise FreezeError(f"snapshot {snap['name']} was taken, but afterwards: {e}") from None
     print(snap["name"])
     return 0
 
