@@ -13,11 +13,10 @@ import json
 import os
 import random
 import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from blockdev import attached, fsck_clean, mounted
 
 pytestmark = pytest.mark.slow
 
@@ -31,55 +30,7 @@ def sh(*cmd, check=True, timeout=300) -> subprocess.CompletedProcess:
     return r
 
 
-@contextmanager
-def attached(uri: str, workdir: Path):
-    """nbdfuse the export to workdir/fuse/disk and put a loop device on it; yields /dev/loopN.
-    Always detaches, whatever happens inside."""
-    fuse_dir = workdir / "fuse"
-    fuse_dir.mkdir(exist_ok=True)
-    pidfile = workdir / "nbdfuse.pid"
-    pidfile.unlink(missing_ok=True)
-    proc = subprocess.Popen(["nbdfuse", "-P", str(pidfile), str(fuse_dir / "disk"), uri],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    loop = None
-    try:
-        deadline = time.monotonic() + 30
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert proc.poll() is None, f"nbdfuse exited: {proc.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "nbdfuse did not become ready"
-            time.sleep(0.05)
-        loop = sh("losetup", "-f", "--show", fuse_dir / "disk").stdout.strip()
-        assert loop.startswith("/dev/loop"), loop
-        yield loop
-    finally:
-        if loop:
-            sh("losetup", "-d", loop, check=False)
-        sh("fusermount3", "-u", fuse_dir, check=False)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            sh("fusermount3", "-uz", fuse_dir, check=False)
 
-
-@contextmanager
-def mounted(dev: str, mnt: Path, *opts):
-    mnt.mkdir(exist_ok=True)
-    sh("mount", *opts, dev, mnt)
-    try:
-        yield mnt
-    finally:
-        r = sh("umount", mnt, check=False)
-        if r.returncode != 0:
-            time.sleep(1)
-            if sh("umount", mnt, check=False).returncode != 0:
-                sh("umount", "-l", mnt, check=False)
-
-
-def fsck_clean(dev: str) -> None:
-    r = sh("e2fsck", "-fn", dev, check=False)
-    assert r.returncode == 0, f"e2fsck -fn {dev} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
 
 
 def write_files(root: Path, rnd: random.Random) -> dict[str, str]:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from blockdev import attached, mounted
 from conftest import BLOCKREP, pid_alive, run_blockrep, unix_socket_accepts
 
 KiB = 1 << 10
@@ -965,48 +966,6 @@ def test_persistent_write_errors_exhaust_retries_fail_cleanly_and_prune_nothing(
 
 # ----------------------------------------------------- slow: ext4 on the primary, mounted at DR
 
-@contextlib.contextmanager
-def attached(u: str, workdir: Path, readonly: bool = False):
-    """nbdfuse the export to workdir/fuse/disk and put a loop device on it; yields /dev/loopN."""
-    fuse_dir = workdir / "fuse"
-    fuse_dir.mkdir(parents=True, exist_ok=True)
-    pidfile = workdir / "nbdfuse.pid"
-    pidfile.unlink(missing_ok=True)
-    proc = subprocess.Popen(["nbdfuse", *(["-r"] if readonly else []), "-P", str(pidfile),
-                             str(fuse_dir / "disk"), u], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    loop = None
-    try:
-        deadline = time.monotonic() + 30
-        while not (pidfile.exists() and pidfile.read_text().strip()):
-            assert proc.poll() is None, f"nbdfuse exited: {proc.stdout.read().decode()}"
-            assert time.monotonic() < deadline, "nbdfuse did not become ready"
-            time.sleep(0.05)
-        loop = sh("losetup", *(["-r"] if readonly else []), "-f", "--show", fuse_dir / "disk").stdout.strip()
-        assert loop.startswith("/dev/loop"), loop
-        yield loop
-    finally:
-        if loop:
-            sh("losetup", "-d", loop, check=False)
-        sh("fusermount3", "-u", fuse_dir, check=False)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            sh("fusermount3", "-uz", fuse_dir, check=False)
-
-
-@contextlib.contextmanager
-def mounted(dev: str, mnt: Path, *opts):
-    mnt.mkdir(parents=True, exist_ok=True)
-    sh("mount", *opts, dev, mnt)
-    try:
-        yield mnt
-    finally:
-        if sh("umount", mnt, check=False).returncode != 0:
-            time.sleep(1)
-            if sh("umount", mnt, check=False).returncode != 0:
-                sh("umount", "-l", mnt, check=False)
 
 
 def _manifest(root: Path) -> dict[str, str]:
