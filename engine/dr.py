@@ -29,15 +29,29 @@ from .volume import Volume, validate_snapshot_name
 
 SUM_CHUNK = 1 << 20
 SUM_BYTES = 16
-# Plugin handles below 0: EMPTY; -(N + 2) the digests of map N (0 = head); <= BLOB_BASE a blob.
+# Plugin handles below 0: EMPTY; blobs in (-2^40, BLOB_BASE]; checksum exports below (_sums_handle).
 EMPTY = -1
 BLOB_BASE = -1_000_000
 _blobs: dict[int, bytes] = {}
 _next_blob = itertools.count(0)
 
 
-def sums_size(vol: Volume) -> int:
-    return (vol.size + SUM_CHUNK - 1) // SUM_CHUNK * SUM_BYTES
+DELTA_SHIFT = 16  # `replicate` checks deltas in 64 KiB chunks: scattered changes stay cheap to hash
+_ID_BITS = 40  # a checksum handle is -(2 + map id + (chunk shift << _ID_BITS))
+
+
+def sums_size(vol: Volume, shift: int = 20) -> int:
+    chunk = 1 << shift
+    return (vol.size + chunk - 1) // chunk * SUM_BYTES
+
+
+def _sums_handle(map_id: int, shift: int) -> int:
+    return -(2 + map_id + (shift << _ID_BITS))
+
+
+def _sums_of(h: int) -> tuple[int, int]:
+    x = -h - 2
+    return x & ((1 << _ID_BITS) - 1), (x >> _ID_BITS) or 20
 
 
 def chunk_sum(data: bytes) -> bytes:
@@ -46,11 +60,15 @@ def chunk_sum(data: bytes) -> bytes:
 
 def open_command(vol: Volume, name: str, readonly: bool) -> int:
     verb, _, snap = name[1:].partition("@")
-    if verb == "sums" and snap == "":
-        return -2  # the head
-    validate_snapshot_name(snap)
+    verb, _, shift_s = verb.partition(":")  # "sums:16" = digests of 64 KiB chunks
     if verb == "sums":
-        return -(vol.snapshot(snap)["id"] + 2)
+        shift = int(shift_s) if shift_s.isdigit() else 20
+        if not 12 <= shift <= 30:
+            raise InvalidArgument(f"checksum chunk 2^{shift} out of range")
+        if snap == "":
+            return _sums_handle(0, shift)  # the head
+        return _sums_handle(vol.snapshot(validate_snapshot_name(snap))["id"], shift)
+    validate_snapshot_name(snap)
     if verb == "changes":
         ext = vol.diff_ids(vol.snapshot(snap)["id"], 0)
         h = BLOB_BASE - next(_next_blob)
@@ -71,29 +89,30 @@ def open_command(vol: Volume, name: str, readonly: bool) -> int:
 def handle_size(vol: Volume, h: int) -> int:
     if h == EMPTY:
         return 0
-    if h <= BLOB_BASE:
+    if h <= BLOB_BASE and h > -(1 << _ID_BITS):
         return len(_blobs.get(h, b""))
-    return sums_size(vol)
+    return sums_size(vol, _sums_of(h)[1])
 
 
 def handle_pread(vol: Volume, h: int, buf, offset: int) -> None:
-    if h <= BLOB_BASE:
+    if BLOB_BASE >= h > -(1 << _ID_BITS):
         buf[:] = _blobs[h][offset:offset + len(buf)]
     else:
-        read_sums(vol, -h - 2, buf, offset)
+        map_id, shift = _sums_of(h)
+        read_sums(vol, map_id, buf, offset, 1 << shift)
 
 
 def handle_close(h: int) -> None:
     _blobs.pop(h, None)
 
 
-def read_sums(vol: Volume, sid: int, buf, offset: int) -> None:
+def read_sums(vol: Volume, sid: int, buf, offset: int, chunk: int = SUM_CHUNK) -> None:
     """Fill buf with the digests in [offset, offset + len(buf)) of the checksum export."""
     first = offset // SUM_BYTES
     last = (offset + len(buf) - 1) // SUM_BYTES
     out = bytearray()
     for i in range(first, last + 1):
-        o = i * SUM_CHUNK
-        out += chunk_sum(vol.snapshot_read(sid, min(SUM_CHUNK, vol.size - o), o))
+        o = i * chunk
+        out += chunk_sum(vol.snapshot_read(sid, min(chunk, vol.size - o), o))
     skip = offset - first * SUM_BYTES
     buf[:] = out[skip:skip + len(buf)]

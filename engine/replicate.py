@@ -24,6 +24,7 @@ import os
 import struct
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -157,9 +158,12 @@ def merge_extents(*lists: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+DELTA_CHUNK = 1 << dr.DELTA_SHIFT
+
+
 def chunks_of(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
-    """Runs of SUM_CHUNK-aligned chunks (first index, count) that the extents touch."""
-    idx = sorted({i for o, n in extents for i in range(o // dr.SUM_CHUNK, (o + n - 1) // dr.SUM_CHUNK + 1)})
+    """Runs of DELTA_CHUNK-aligned chunks (first index, count) that the extents touch."""
+    idx = sorted({i for o, n in extents for i in range(o // DELTA_CHUNK, (o + n - 1) // DELTA_CHUNK + 1)})
     runs: list[tuple[int, int]] = []
     for i in idx:
         if runs and runs[-1][0] + runs[-1][1] == i:
@@ -169,22 +173,46 @@ def chunks_of(extents: list[tuple[int, int]], size: int) -> list[tuple[int, int]
     return runs
 
 
+class LocalSums(threading.Thread):
+    """The primary's digests of the chunks a delta touches, computed while the delta is shipped."""
+
+    def __init__(self, src: str, snapshot: str, extents: list[tuple[int, int]], size: int):
+        super().__init__(daemon=True)
+        self.src, self.snapshot, self.extents, self.size = src, snapshot, extents, size
+        self.result: bytes | BaseException = b""
+        self.start()
+
+    def run(self) -> None:
+        try:
+            ranges = [(i * dr.SUM_BYTES, n * dr.SUM_BYTES) for i, n in chunks_of(self.extents, self.size)]
+            self.result = _read_export(self.src, f"!sums:{dr.DELTA_SHIFT}@{self.snapshot}", ranges)
+        except BaseException as e:  # re-raised by get()
+            self.result = e
+
+    def get(self) -> bytes:
+        self.join()
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
 def mismatched_chunks(src: str, snapshot: str, to: str, extents: list[tuple[int, int]],
-                      size: int) -> list[tuple[int, int]]:
+                      size: int, mine: bytes | None = None) -> list[tuple[int, int]]:
     """Compare the digests of every chunk the delta touched: the primary's snapshot against the
     DR head (only digests cross the network). Returns the differing chunks as extents."""
     runs = chunks_of(extents, size)
     ranges = [(i * dr.SUM_BYTES, n * dr.SUM_BYTES) for i, n in runs]
-    mine = _read_export(src, f"!sums@{snapshot}", ranges)
-    theirs = _read_export(to, "!sums@", ranges)
+    if mine is None:
+        mine = _read_export(src, f"!sums:{dr.DELTA_SHIFT}@{snapshot}", ranges)
+    theirs = _read_export(to, f"!sums:{dr.DELTA_SHIFT}@", ranges)
     bad: list[tuple[int, int]] = []
     pos = 0
     for i, n in runs:
         for k in range(n):
             a = mine[pos:pos + dr.SUM_BYTES]
             if a != theirs[pos:pos + dr.SUM_BYTES]:
-                off = (i + k) * dr.SUM_CHUNK
-                bad.append((off, min(dr.SUM_CHUNK, size - off)))
+                off = (i + k) * DELTA_CHUNK
+                bad.append((off, min(DELTA_CHUNK, size - off)))
             pos += dr.SUM_BYTES
     return bad
 
@@ -274,6 +302,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
 
         show = Progress(total, progress)
         t0 = time.monotonic()
+        local_sums = LocalSums(src, snapshot, extents, params.size) if target["blockrep"] else None
         attempt, sent = 0, {"bytes_sent": 0, "bytes_zeroed": 0, "bytes_skipped": 0, "extents": 0}
         while True:
             try:
@@ -298,8 +327,9 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
             # Checksummed delta: the DR snapshot is committed only once the DR head's digest of
             # every chunk the delta touched equals the primary's. A mismatch (bytes damaged on the
             # way, a write at the DR meanwhile) is sent again once, then the run fails uncommitted.
+            mine = local_sums.get() if local_sums else None
             for attempt_no in range(2):
-                bad = mismatched_chunks(src, snapshot, to, extents, params.size)
+                bad = mismatched_chunks(src, snapshot, to, extents, params.size, mine)
                 if not bad:
                     break
                 tstate["last_error"] = f"{len(bad)} chunk(s) differ at the DR after the transfer"
