@@ -23,13 +23,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from engine.server import socket_accepts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,15 +98,7 @@ def pid_alive(pid: int) -> bool:
 
 
 def unix_socket_accepts(path: str | os.PathLike) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(1)
-    try:
-        s.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+    return socket_accepts(Path(path))
 
 
 class Server:

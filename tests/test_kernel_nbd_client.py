@@ -25,11 +25,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import BLOCKREP
 
 pytestmark = pytest.mark.slow
 
@@ -64,16 +64,7 @@ if _why:
 
 
 def _blockrep() -> str:
-    env = os.environ.get("BLOCKREP_BIN")
-    if env:
-        return env
-    beside = Path(sys.executable).with_name("blockrep")
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("blockrep")
-    if found:
-        return found
-    return str(REPO / ".venv" / "bin" / "blockrep")
+    return BLOCKREP
 
 
 def _run(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess:
