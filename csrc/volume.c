@@ -804,6 +804,8 @@ static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t off
 
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     if (count == 0)
         return 0;
     pthread_mutex_lock(&v->lock);
@@ -852,6 +854,8 @@ static int zero_locked(vol *v, uint64_t count, uint64_t offset, int trim)
 
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     if (count == 0)
         return 0;
     pthread_mutex_lock(&v->lock);
@@ -869,6 +873,8 @@ int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
 
 int vol_flush(vol *v)
 {
+    if (v->p.readonly)
+        return 0;
     pthread_mutex_lock(&v->lock);
     int r = flush_locked(v);
     pthread_mutex_unlock(&v->lock);
@@ -1045,6 +1051,8 @@ static int append_snap_record(vol *v, int type, const uint8_t *payload, uint32_t
 
 int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     size_t nl = strlen(name);
     if (nl == 0 || nl > VOL_SNAP_NAME_MAX)
         return fail(EINVAL, "snapshot name must be 1 to %d characters", VOL_SNAP_NAME_MAX);
@@ -1082,6 +1090,8 @@ out:
 
 int vol_snap_delete(vol *v, uint32_t id)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     pthread_mutex_lock(&v->lock);
     int r = -1;
     if (!snap_find(v, id)) {
@@ -1265,6 +1275,8 @@ static void free_clones(vol *v, blockmap **maps, uint32_t n)
 
 int vol_checkpoint(vol *v)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     /* Under the lock: write out the window, freeze clones of every map (head and snapshots,
      * O(mids) each), note which segments must be synced (those with live data: the clones
      * reference them) and which are already dead (only those may be deleted after the commit:
@@ -1748,7 +1760,7 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
 {
     char name[32];
     seg_name(name, id);
-    int fd = openat(v->segdirfd, name, O_RDWR | O_CLOEXEC);
+    int fd = openat(v->segdirfd, name, (v->p.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
     if (fd < 0)
         return fail(errno, "opening segment %s: %s", name, strerror(errno));
     if (seg_reserve(v, id) < 0) {
@@ -1779,6 +1791,19 @@ static int cmp_u64(const void *a, const void *b)
 static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
 {
     rep->torn_bytes_dropped += sm->len - pos;
+    if (v->p.readonly) { /* leave the files alone: only this process's view ends there */
+        if (pos <= SEG_HDR) {
+            seg_info *g = &v->segs[sm->id];
+            if (g->map)
+                munmap(g->map, g->map_len);
+            close(g->fd);
+            *g = (seg_info){.fd = -1};
+        } else {
+            v->segs[sm->id].file_size = pos;
+        }
+        sm->len = pos;
+        return 0;
+    }
     if (pos <= SEG_HDR) {
         /* nothing valid in it: delete the file */
         seg_retire(v, sm->id, 0);
@@ -2068,7 +2093,7 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         fail(errno, "opening volume directory %s: %s", voldir, strerror(errno));
         goto err;
     }
-    if (mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
+    if (!p->readonly && mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
         fail(errno, "creating segments directory: %s", strerror(errno));
         goto err;
     }
@@ -2105,11 +2130,13 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
             }
             ids[nids++] = id;
         } else if (strlen(de->d_name) == 21 && strcmp(de->d_name + 16, ".free") == 0) {
-            unlinkat(v->segdirfd, de->d_name, 0); /* a recycling pool left by the last owner */
+            if (!p->readonly)
+                unlinkat(v->segdirfd, de->d_name, 0); /* a recycling pool left by the last owner */
         }
     }
     closedir(dir);
-    unlinkat(v->dirfd, "checkpoint.tmp", 0); /* an interrupted checkpoint: never committed */
+    if (!p->readonly)
+        unlinkat(v->dirfd, "checkpoint.tmp", 0); /* an interrupted checkpoint: never committed */
     qsort(ids, nids, sizeof *ids, cmp_u64);
     uint64_t rseg = 0, roff = SEG_HDR;
     int lc = load_checkpoint(v, &rseg, &roff);
@@ -2135,12 +2162,16 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         v->snaps[i].map->hooks = &v->hooks;
     /* segments older than the replay start that nothing references: left by the collector */
     for (uint64_t i = 0; i < v->nsegs_cap && i < rseg; i++)
-        if (v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
+        if (!p->readonly && v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
             seg_retire(v, i, 0);
             rep->segments_deleted++;
         }
     for (uint64_t i = 0; i < v->nsegs_cap; i++)
         v->since_ckpt += (i >= rseg && v->segs[i].fd >= 0) ? v->segs[i].file_size - (i == rseg && v->segs[i].file_size >= roff ? roff - SEG_HDR : 0) : 0;
+    if (p->readonly) {
+        v->active = UINT64_MAX; /* no segment to append to: every change is refused (EROFS) */
+        return v;
+    }
     if (create_segment(v, maxid + 1) < 0)
         goto err;
     if (sync_all(v) < 0)
@@ -2160,6 +2191,10 @@ void vol_abandon(vol *v)
 
 int vol_close(vol *v)
 {
+    if (v->p.readonly) {
+        vol_free(v);
+        return 0;
+    }
     int r = vol_checkpoint(v);
     if (r == 0) {
         pthread_mutex_lock(&v->lock);
@@ -2178,6 +2213,8 @@ int vol_close(vol *v)
 
 int64_t vol_gc_pick(vol *v, double ratio)
 {
+    if (v->p.readonly)
+        return 0;
     pthread_mutex_lock(&v->lock);
     uint64_t used = 0, live = 0;
     int64_t best = 0;
@@ -2228,6 +2265,8 @@ static void relocate_all(vol *v, uint64_t lba, uint64_t old_loc, uint64_t new_lo
 
 int vol_gc_segment(vol *v, uint64_t seg)
 {
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
     pthread_mutex_lock(&v->lock);
     if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || seg == v->active) {
         pthread_mutex_unlock(&v->lock);

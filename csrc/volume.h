@@ -29,6 +29,7 @@ typedef struct vol_params {
     int zstd_level;
     uint64_t segment_size;  /* bytes */
     uint64_t wbuf_size;     /* write buffer bytes (0 = default 8 MiB) */
+    int readonly;           /* recover in memory only: no file is written, changes fail EROFS */
 } vol_params;
 
 typedef struct vol_report {      /* what recovery found, for logs and `blockrep info` */

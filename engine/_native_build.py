@@ -15,7 +15,7 @@ CDEF = """
 typedef struct vol vol;
 typedef struct vol_params {
     uint64_t size; uint8_t uuid[16]; int compress; int zstd_level;
-    uint64_t segment_size; uint64_t wbuf_size;
+    uint64_t segment_size; uint64_t wbuf_size; int readonly;
 } vol_params;
 typedef struct vol_report {
     uint64_t records_replayed; uint64_t bytes_replayed; uint64_t torn_bytes_dropped;

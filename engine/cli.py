@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import control, ops, server
+from . import server
+from .access import run_op
 from .errors import BlockrepError, InvalidArgument
 from .freeze import FreezeError, quiesced
 from .units import format_size, parse_size
@@ -36,17 +37,6 @@ def cmd_create(a) -> int:
                compress=a.compress or "none", segment_size=a.segment_size)
     print(f"created {a.volume}: {format_size(p.size)}, backend {p.backend}, uuid {p.uuid}")
     return 0
-
-
-def run_op(volume: str, cmd: str, **args):
-    """Run an ops command where the volume is: through its server's control socket when it is
-    served, else on the volume opened here (under its lock). The user types the same command."""
-    vol = Path(volume).resolve()
-    read_params(vol)
-    if server.running_pid(vol):
-        return control.call(vol, cmd, **args)
-    with Volume.open(vol) as v:
-        return ops.COMMANDS[cmd](v, **args)
 
 
 def _info(vol: Path) -> dict:
@@ -106,7 +96,7 @@ def cmd_check(a) -> int:
     """Read every stored block and list the extents whose checksums fail (exit 1 if any)."""
     vol = Path(a.volume).resolve()
     server.ensure_not_served(vol)
-    with Volume.open(vol) as v:
+    with Volume.open(vol, readonly=True) as v:
         bad = v.scrub()
         rec = v.recovery
     if a.json:

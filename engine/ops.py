@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .errors import AlreadyExists
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
@@ -70,6 +71,25 @@ def flush(vol: Volume) -> None:
     vol.flush()
     vol.checkpoint()
 
+
+READ_ONLY = frozenset({"snapshot_list", "diff", "pending", "info"})
+
+
+def _check_new_name(vol: Volume, name: str | None = None) -> None:
+    if name is not None and any(s["name"] == validate_snapshot_name(name) for s in vol.snapshots()):
+        raise AlreadyExists(f"a snapshot named {name} already exists in {vol.path}")
+
+
+def _check_exists(vol: Volume, name: str) -> None:
+    vol.snapshot(validate_snapshot_name(name))
+
+
+# Checks that a changing command runs first on a volume opened read-only, so that bad input is
+# refused before anything is written (an unserved volume is otherwise opened read-write).
+PRECHECKS: dict[str, Callable[..., Any]] = {
+    "snapshot_create": _check_new_name,
+    "snapshot_delete": _check_exists,
+}
 
 COMMANDS: dict[str, Callable[..., Any]] = {
     "snapshot_create": snapshot_create,

@@ -30,11 +30,12 @@ from pathlib import Path
 
 import nbd
 
-from . import control, dr, ops, server
+from . import dr, server
+from .access import run_op
 from .errors import BlockrepError, InvalidArgument, NotFound
 from .transfer import TransferError, connect, copy_extents
 from .units import format_size
-from .volume import Volume, read_params
+from .volume import read_params
 
 STATE = "replication.json"
 
@@ -59,13 +60,6 @@ def _now() -> str:
 
 
 # ---------- the source: the primary's own server ----------
-
-def run_op(vol: Path, cmd: str, **args):
-    if server.running_pid(vol):
-        return control.call(vol, cmd, **args)
-    with Volume.open(vol) as v:
-        return ops.COMMANDS[cmd](v, **args)
-
 
 @contextlib.contextmanager
 def source_server(vol: Path):

@@ -176,7 +176,7 @@ class Lock:
         self.path = path / "lock"
         self.fd = -1
 
-    def acquire(self) -> None:
+    def acquire(self, write_pid: bool = True) -> None:
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
@@ -188,8 +188,9 @@ class Lock:
             self.fd = -1
             raise VolumeBusy(f"volume {self.path.parent} is in use by another process "
                              "(is it being served? run 'blockrep stop' first)") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        if write_pid:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -236,7 +237,10 @@ class Volume:
 
     # ---- lifecycle ----
     @classmethod
-    def open(cls, path: str | os.PathLike, *, wbuf_size: int = 0) -> Volume:
+    def open(cls, path: str | os.PathLike, *, wbuf_size: int = 0, readonly: bool = False) -> Volume:
+        """Open (and recover) a volume, owning it until close(). readonly: recovery happens in
+        memory only and no file is written (for commands that only look: list, diff, info,
+        check); every change fails with ReadOnly."""
         p = Path(path).resolve()
         params = read_params(p)
         if params.backend != "lsfs":
@@ -244,7 +248,7 @@ class Volume:
         if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
             raise InvalidArgument(f"volume directory {p} is not readable and writable by this user")
         lock = Lock(p)
-        lock.acquire()
+        lock.acquire(write_pid=not readonly)
         native = _native()
         ffi, lib = native.ffi, native.lib
         vp = ffi.new("vol_params *")
@@ -254,6 +258,7 @@ class Volume:
         vp.zstd_level = 1  # fastest standard level: the request path pays for it
         vp.segment_size = params.segment_size
         vp.wbuf_size = wbuf_size
+        vp.readonly = 1 if readonly else 0
         rep = ffi.new("vol_report *")
         h = lib.vol_open(str(p).encode(), vp, rep)
         if h == ffi.NULL:
@@ -263,7 +268,7 @@ class Volume:
             raise from_errno(err, f"cannot open volume {p}: {msg}")
         report = {k: getattr(rep, k) for k in dir(rep)}
         vol = cls(p, params, h, native, lock, report)
-        if report["bytes_replayed"] > REPLAY_CHECKPOINT:
+        if not readonly and report["bytes_replayed"] > REPLAY_CHECKPOINT:
             # a server killed again and again would otherwise replay the same log every time
             vol.checkpoint()
         return vol

@@ -756,10 +756,6 @@ def test_delete_and_diff_of_a_missing_snapshot_fail(make_server, served):
         assert logical_state(s.vol) == state
 
 
-@pytest.mark.xfail(strict=True, reason="opening a volume that is not served rewrites its "
-                   "checkpoint and rotates an empty active segment even when the command then "
-                   "fails (a missing snapshot, a duplicate name): content is unchanged but the "
-                   "files are not (csrc/volume.c vol_open/vol_close)")
 def test_failed_offline_snapshot_command_leaves_every_file_untouched(make_server):
     s = make_server(size="8M", start=False)
     snapshot_create(s.vol, "here")
