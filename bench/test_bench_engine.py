@@ -8,7 +8,6 @@ printed and kept in the benchmark's extra_info.
 
 import os
 import random
-import time
 
 import pytest
 
@@ -169,9 +168,7 @@ def test_bench_compression_write_speed_and_space(benchmark, tmp_path, compress):
 
 def test_bench_checkpoint_of_1_gib_written(benchmark, vol):
     vol.write(os.urandom(MiB) * 1024, 0)
-    t = time.perf_counter()
     benchmark.pedantic(vol.checkpoint, rounds=3, iterations=1)
-    del t
 
 
 @pytest.mark.parametrize("written_mib", [32, 2048])
