@@ -227,12 +227,21 @@ def cmd_stop(a) -> int:
     return 0
 
 
+def _command(sub, name: str, func, help: str, json: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that takes VOL (and --json where it lists)."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("volume")
+    if json:
+        p.add_argument("--json", action="store_true")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blockrep", description="Block volumes over NBD with snapshots and replication.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("create", help="create a volume")
-    c.add_argument("volume")
+    c = _command(sub, "create", cmd_create, "create a volume")
     c.add_argument("--size", required=True, type=_size_arg("size"))
     c.add_argument("--backend", default="lsfs", choices=["lsfs", "image"])
     c.add_argument("--journal", help="change-log directory (image backend)")
@@ -240,81 +249,51 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--compress", choices=["zstd", "none"])
     c.add_argument("--segment-size", default=32 << 20, type=_size_arg("segment size"),
                    help="log segment size (default 32M)")
-    c.set_defaults(func=cmd_create)
+    _command(sub, "info", cmd_info, "show a volume", json=True)
 
-    i = sub.add_parser("info", help="show a volume")
-    i.add_argument("volume")
-    i.add_argument("--json", action="store_true")
-    i.set_defaults(func=cmd_info)
+    _command(sub, "check", cmd_check, "verify every stored block's checksum, list damaged extents",
+             json=True)
 
-    k = sub.add_parser("check", help="verify every stored block's checksum, list damaged extents")
-    k.add_argument("volume")
-    k.add_argument("--json", action="store_true")
-    k.set_defaults(func=cmd_check)
-
-    s = sub.add_parser("serve", help="serve a volume over NBD")
-    s.add_argument("volume")
+    s = _command(sub, "serve", cmd_serve, "serve a volume over NBD")
     s.add_argument("--socket", help="Unix socket path (default VOL/nbd.sock)")
     s.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP instead of a Unix socket")
     s.add_argument("--tls-psk", metavar="FILE", help="require TLS with this PSK file")
     s.add_argument("--foreground", action="store_true", help="do not daemonise")
-    s.set_defaults(func=cmd_serve)
 
     sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots")
     ssub = sn.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser)
-    c2 = ssub.add_parser("create", help="take a snapshot (prints its name)")
-    c2.add_argument("volume")
+    c2 = _command(ssub, "create", cmd_snapshot_create, "take a snapshot (prints its name)")
     c2.add_argument("--name", help="[A-Za-z0-9._-]{1,64}; default: a UTC timestamp")
     c2.add_argument("--freeze", metavar="MOUNTPOINT", action="append",
                     help="fsfreeze -f/-u this filesystem around the snapshot (repeatable)")
     c2.add_argument("--pre", metavar="CMD", action="append", help="command run before; failure refuses the snapshot")
     c2.add_argument("--post", metavar="CMD", action="append", help="command run after, always")
-    c2.set_defaults(func=cmd_snapshot_create)
-    l2 = ssub.add_parser("list", help="list snapshots, oldest first")
-    l2.add_argument("volume")
-    l2.add_argument("--json", action="store_true")
-    l2.set_defaults(func=cmd_snapshot_list)
-    d2 = ssub.add_parser("delete", help="delete a snapshot")
-    d2.add_argument("volume")
+    _command(ssub, "list", cmd_snapshot_list, "list snapshots, oldest first", json=True)
+    d2 = _command(ssub, "delete", cmd_snapshot_delete, "delete a snapshot")
     d2.add_argument("name")
-    d2.set_defaults(func=cmd_snapshot_delete)
-    p2 = ssub.add_parser("prune", help="delete all but the newest N snapshots")
-    p2.add_argument("volume")
+    p2 = _command(ssub, "prune", cmd_snapshot_prune, "delete all but the newest N snapshots")
     p2.add_argument("--keep", type=int, required=True)
-    p2.set_defaults(func=cmd_snapshot_prune)
 
-    df = sub.add_parser("diff", help="changed extents between two snapshots")
-    df.add_argument("volume")
+    df = _command(sub, "diff", cmd_diff, "changed extents between two snapshots", json=True)
     df.add_argument("from", metavar="FROM")
     df.add_argument("to", metavar="TO")
-    df.add_argument("--json", action="store_true")
-    df.set_defaults(func=cmd_diff)
 
-    rp = sub.add_parser("replicate", help="ship a snapshot's changes to a DR NBD export")
-    rp.add_argument("volume")
+    rp = _command(sub, "replicate", cmd_replicate, "ship a snapshot's changes to a DR NBD export", json=True)
     rp.add_argument("--to", required=True, metavar="URI", help="nbd://, nbds://, nbd+unix:// (libnbd URIs)")
     rp.add_argument("--snapshot", help="snapshot to ship (default: take one now)")
     rp.add_argument("--keep-local", type=int, metavar="N")
     rp.add_argument("--keep-remote", type=int, metavar="N")
     rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s")
     rp.add_argument("--full", action="store_true", help="send everything, not only the delta")
-    rp.add_argument("--json", action="store_true")
-    rp.set_defaults(func=cmd_replicate)
 
-    vf = sub.add_parser("verify", help="prove a DR snapshot equals the local one (checksums)")
-    vf.add_argument("volume")
+    vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)")
     vf.add_argument("snapshot")
     vf.add_argument("--against", required=True, metavar="URI")
-    vf.set_defaults(func=cmd_verify)
 
-    st = sub.add_parser("status", help="replication targets: newest replicated snapshot, RPO, pending bytes")
-    st.add_argument("volume")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
+    _command(sub, "status", cmd_status, "replication targets: newest replicated snapshot, RPO, pending bytes",
+             json=True)
 
-    t = sub.add_parser("stop", help="stop serving a volume")
-    t.add_argument("volume")
-    t.set_defaults(func=cmd_stop)
+    _command(sub, "stop", cmd_stop, "stop serving a volume")
     return p
 
 
