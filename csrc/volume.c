@@ -20,6 +20,10 @@
 #include <unistd.h>
 #include <zstd.h>
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22 /* Linux 5.14 */
+#endif
+
 #define BS 4096u
 #define SEG_HDR 64u
 #define REC_HDR 48u
@@ -317,6 +321,10 @@ static int rotate(vol *v)
     size_t old_len = v->wbuf_len;
     if (ftruncate(s->fd, (off_t)v->active_off) < 0) { /* only a recycled file's stale tail */ }
     s->file_size = v->active_off;
+    /* Its pages are in the page cache now: map them all at once, so that reads (a memcpy from
+     * the mapping) do not each take a page fault on first touch. Best effort. */
+    if (s->map)
+        (void)madvise(s->map, (size_t)s->file_size, MADV_POPULATE_READ);
     if (create_segment(v, old + 1) < 0) {
         v->active = old;
         v->active_off = v->written_off = old_off;
