@@ -109,6 +109,33 @@ __attribute__((target("sse4.2"))) static inline uint64_t ld64(const uint8_t *p)
     return v;
 }
 
+/* CRC rounds of 3 x block bytes: three interleaved streams, then the second and third CRC
+ * are combined into the first by shifting it over block bytes (zeros[]) each time. */
+__attribute__((target("sse4.2")))
+static uint64_t three_streams(uint64_t c0, const uint8_t **pp, size_t *lenp, size_t block,
+                              uint32_t zeros[4][256])
+{
+    const uint8_t *p = *pp;
+    size_t len = *lenp;
+    while (len >= 3 * block) {
+        uint64_t c1 = 0, c2 = 0;
+        const uint8_t *end = p + block;
+        do {
+            c0 = _mm_crc32_u64(c0, ld64(p));
+            c1 = _mm_crc32_u64(c1, ld64(p + block));
+            c2 = _mm_crc32_u64(c2, ld64(p + 2 * block));
+            p += 8;
+        } while (p < end);
+        c0 = shift(zeros, (uint32_t)c0) ^ (uint32_t)c1;
+        c0 = shift(zeros, (uint32_t)c0) ^ (uint32_t)c2;
+        p += 2 * block;
+        len -= 3 * block;
+    }
+    *pp = p;
+    *lenp = len;
+    return c0;
+}
+
 __attribute__((target("sse4.2")))
 static uint32_t hw_extend(uint32_t crc, const uint8_t *p, size_t len)
 {
@@ -117,34 +144,8 @@ static uint32_t hw_extend(uint32_t crc, const uint8_t *p, size_t len)
         c0 = _mm_crc32_u8((uint32_t)c0, *p++);
         len--;
     }
-    while (len >= 3 * LONG) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *end = p + LONG;
-        do {
-            c0 = _mm_crc32_u64(c0, ld64(p));
-            c1 = _mm_crc32_u64(c1, ld64(p + LONG));
-            c2 = _mm_crc32_u64(c2, ld64(p + 2 * LONG));
-            p += 8;
-        } while (p < end);
-        c0 = shift(shift_long, (uint32_t)c0) ^ (uint32_t)c1;
-        c0 = shift(shift_long, (uint32_t)c0) ^ (uint32_t)c2;
-        p += 2 * LONG;
-        len -= 3 * LONG;
-    }
-    while (len >= 3 * SHORT) {
-        uint64_t c1 = 0, c2 = 0;
-        const uint8_t *end = p + SHORT;
-        do {
-            c0 = _mm_crc32_u64(c0, ld64(p));
-            c1 = _mm_crc32_u64(c1, ld64(p + SHORT));
-            c2 = _mm_crc32_u64(c2, ld64(p + 2 * SHORT));
-            p += 8;
-        } while (p < end);
-        c0 = shift(shift_short, (uint32_t)c0) ^ (uint32_t)c1;
-        c0 = shift(shift_short, (uint32_t)c0) ^ (uint32_t)c2;
-        p += 2 * SHORT;
-        len -= 3 * SHORT;
-    }
+    c0 = three_streams(c0, &p, &len, LONG, shift_long);
+    c0 = three_streams(c0, &p, &len, SHORT, shift_short);
     while (len >= 8) {
         c0 = _mm_crc32_u64(c0, ld64(p));
         p += 8;

@@ -889,11 +889,6 @@ int vol_flush(vol *v)
     return r;
 }
 
-int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max)
-{
-    return vol_snap_extents(v, 0, count, offset, out, max);
-}
-
 int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint64_t *out, int max)
 {
     if (count == 0 || max <= 0)

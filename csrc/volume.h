@@ -81,9 +81,6 @@ int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
 int vol_flush(vol *v);
-/* Fill out[3*i..] with (offset, length, type) runs covering [offset, offset+count) at block
- * granularity, at most max runs; returns the number of runs. */
-int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
 int vol_checkpoint(vol *v);
 
 /* Snapshots (FORMAT.md §5, §8). Ids are > 0; id 0 names the head where a map is asked for.
@@ -94,6 +91,8 @@ int vol_snap_delete(vol *v, uint32_t id);
 /* Fills up to max entries, oldest first; returns the number of snapshots. */
 int vol_snap_list(vol *v, vol_snap_info *out, int max);
 int vol_snap_read(vol *v, uint32_t id, void *buf, uint64_t count, uint64_t offset);
+/* Block status of map id (0 = head): fill out[3*i..] with (offset, length, type) runs covering
+ * [offset, offset+count) at block granularity, at most max runs; returns the number of runs. */
 int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint64_t *out, int max);
 int vol_diff(vol *v, uint32_t from_id, uint32_t to_id, uint64_t gran, uint64_t *pos, uint64_t *out, int max);
 int64_t vol_snap_pinned(vol *v, uint32_t id);

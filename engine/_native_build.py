@@ -38,7 +38,6 @@ int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
 int vol_flush(vol *v);
-int vol_extents(vol *v, uint64_t count, uint64_t offset, uint64_t *out, int max);
 int vol_checkpoint(vol *v);
 int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out);
 int vol_snap_delete(vol *v, uint32_t id);

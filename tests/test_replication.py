@@ -853,6 +853,15 @@ class CorruptingProxy:
         self.srv.close()
 
 
+def assert_committed_right_or_failed(p, dr, name, r):
+    """Either the run failed (and committed nothing) or the DR snapshot it committed is right."""
+    if name in dr_snapshots(dr):
+        v = run_blockrep("verify", p.vol, name, "--against", uri(dr.sock, "@" + name))
+        assert v.returncode == 0, f"replicate exited {r.returncode} and committed a wrong DR snapshot: {v.stdout}"
+    else:
+        assert r.returncode != 0
+
+
 def test_bytes_corrupted_in_flight_never_become_a_dr_snapshot(make_server, tmp_path):
     p = make_server("primary")
     dr = make_server("dr")
@@ -865,11 +874,7 @@ def test_bytes_corrupted_in_flight_never_become_a_dr_snapshot(make_server, tmp_p
         proxy.close()
     assert proxy.flipped, "the proxy never corrupted anything: the test did not test"
     # either the run fails (and commits nothing) or the DR snapshot it committed is right
-    if "s1" in dr_snapshots(dr):
-        v = run_blockrep("verify", p.vol, "s1", "--against", uri(dr.sock, "@s1"))
-        assert v.returncode == 0, f"replicate exited {r.returncode} and committed a wrong DR snapshot: {v.stdout}"
-    else:
-        assert r.returncode != 0
+    assert_committed_right_or_failed(p, dr, "s1", r)
 
 
 def test_dr_head_written_at_dr_site_is_not_carried_into_next_snapshot(make_server, tmp_path):
@@ -882,11 +887,7 @@ def test_dr_head_written_at_dr_site_is_not_carried_into_next_snapshot(make_serve
     write_blocks(p.uri, {4 * MiB: os.urandom(4 * KiB)})
     snapshot(p.vol, "s2")
     r = run_blockrep("replicate", p.vol, "--to", dr.uri, "--snapshot", "s2")
-    if "s2" in dr_snapshots(dr):
-        v = run_blockrep("verify", p.vol, "s2", "--against", uri(dr.sock, "@s2"))
-        assert v.returncode == 0, f"replicate exited {r.returncode} and committed a wrong DR snapshot: {v.stdout}"
-    else:
-        assert r.returncode != 0
+    assert_committed_right_or_failed(p, dr, "s2", r)
 
 
 # ---------------------------------------------------------------------------- 7. TLS-PSK link
