@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -30,13 +31,16 @@
 #define SEG_MAGIC 0x47535242u
 #define REC_MAGIC 0x43525242u
 #define CKPT_MAGIC 0x4b435242u
-#define CKPT_VERSION 2u
+#define CKPT_VERSION 3u      /* 2 is still read: 96-byte map headers, no flags or uuid */
+#define CKPT_MAP_HDR 112u
+#define CKPT_V2_MAP_HDR 96u
 #define MAX_REC_BLOCKS 1024u
 #define MAX_COMP_BLOCKS 16u
 #define MAX_TOMB_BLOCKS (1u << 30)
 
 enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5, R_SNAP = 6, R_SNAPDEL = 7 };
-#define SNAP_PAYLOAD 96u
+#define SNAP_PAYLOAD 112u
+#define SNAP_V1_PAYLOAD 96u /* written before snapshots had a uuid and flags; still replayed */
 #define SNAPDEL_PAYLOAD 8u
 enum { F_COMP = 1, F_MORE = 2, F_FIRST = 4 };
 
@@ -55,6 +59,8 @@ typedef struct snap {
     uint32_t gen;      /* every entry of its map has gen <= this */
     uint64_t created;  /* unix time, ns */
     char name[VOL_SNAP_NAME_MAX + 1];
+    uint8_t uuid[16];  /* identity, unique in the volume, never nil (FORMAT.md §8) */
+    uint32_t flags;    /* kept for the caller, no meaning to the engine */
     blockmap *map;     /* a frozen clone of the head: never changed, except relocations */
 } snap;
 
@@ -1008,17 +1014,130 @@ static void leafset_free(leafset *ls)
 
 /* ---------- snapshots ---------- */
 
-/* Add a snapshot with this map (taken over), or a clone of the head when map is NULL. */
-static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const char *name, blockmap *map)
+/* SHA-1 (FIPS 180-4) of a short message, only for the name-based uuid below. */
+static uint32_t rol32(uint32_t x, int n) { return x << n | x >> (32 - n); }
+
+static void sha1_block(uint32_t h[5], const uint8_t *b)
 {
-    if (v->nsnaps == v->snaps_cap) {
-        uint32_t cap = v->snaps_cap ? v->snaps_cap * 2 : 16;
-        snap *n = realloc(v->snaps, cap * sizeof *n);
-        if (!n)
-            return fail(ENOMEM, "out of memory for snapshots");
-        v->snaps = n;
-        v->snaps_cap = cap;
+    uint32_t w[80];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)b[4 * i] << 24 | (uint32_t)b[4 * i + 1] << 16 | (uint32_t)b[4 * i + 2] << 8 | b[4 * i + 3];
+    for (int i = 16; i < 80; i++)
+        w[i] = rol32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = h[0], c1 = h[1], c2 = h[2], c3 = h[3], c4 = h[4];
+    for (int i = 0; i < 80; i++) {
+        uint32_t f, k;
+        if (i < 20)
+            f = (c1 & c2) | (~c1 & c3), k = 0x5a827999u;
+        else if (i < 40)
+            f = c1 ^ c2 ^ c3, k = 0x6ed9eba1u;
+        else if (i < 60)
+            f = (c1 & c2) | (c1 & c3) | (c2 & c3), k = 0x8f1bbcdcu;
+        else
+            f = c1 ^ c2 ^ c3, k = 0xca62c1d6u;
+        uint32_t t = rol32(a, 5) + f + c4 + k + w[i];
+        c4 = c3, c3 = c2, c2 = rol32(c1, 30), c1 = a, a = t;
     }
+    h[0] += a, h[1] += c1, h[2] += c2, h[3] += c3, h[4] += c4;
+}
+
+static void sha1(const uint8_t *m, size_t len, uint8_t out[20])
+{
+    uint32_t h[5] = {0x67452301u, 0xefcdab89u, 0x98badcfeu, 0x10325476u, 0xc3d2e1f0u};
+    size_t i = 0;
+    for (; i + 64 <= len; i += 64)
+        sha1_block(h, m + i);
+    uint8_t tail[128] = {0};
+    size_t rest = len - i, nb = rest + 9 <= 64 ? 64 : 128;
+    memcpy(tail, m + i, rest);
+    tail[rest] = 0x80;
+    for (int k = 0; k < 8; k++)
+        tail[nb - 1 - k] = (uint8_t)(((uint64_t)len * 8) >> (8 * k));
+    for (size_t b = 0; b < nb; b += 64)
+        sha1_block(h, tail + b);
+    for (int k = 0; k < 20; k++)
+        out[k] = (uint8_t)(h[k / 4] >> (24 - 8 * (k % 4)));
+}
+
+static int uuid_is_nil(const uint8_t *u)
+{
+    static const uint8_t nil[16];
+    return memcmp(u, nil, 16) == 0;
+}
+
+static void uuid_format(const uint8_t *u, char out[37])
+{
+    static const char hex[] = "0123456789abcdef";
+    char *o = out;
+    for (int i = 0; i < 16; i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            *o++ = '-';
+        *o++ = hex[u[i] >> 4];
+        *o++ = hex[u[i] & 15];
+    }
+    *o = 0;
+}
+
+/* The identity of a snapshot recorded without one (a 96-byte SNAP payload, a version 2
+ * checkpoint): the RFC 4122 version 5 uuid of the name "snapshot-<id>-<created ns>" in the
+ * namespace of the volume uuid, so every open derives the same one (FORMAT.md §8). */
+static void snap_legacy_uuid(const vol *v, uint32_t id, uint64_t created, uint8_t out[16])
+{
+    uint8_t m[16 + 64], d[20];
+    memcpy(m, v->p.uuid, 16);
+    int n = snprintf((char *)m + 16, sizeof m - 16, "snapshot-%u-%llu", id, (unsigned long long)created);
+    sha1(m, 16 + (size_t)n, d);
+    memcpy(out, d, 16);
+    out[6] = (uint8_t)((out[6] & 0x0f) | 0x50);
+    out[8] = (uint8_t)((out[8] & 0x3f) | 0x80);
+}
+
+/* A random RFC 4122 version 4 uuid. */
+static int uuid_random(uint8_t out[16])
+{
+    size_t got = 0;
+    while (got < 16) {
+        ssize_t r = getrandom(out + got, 16 - got, 0);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(errno, "cannot generate a snapshot uuid: getrandom: %s", strerror(errno));
+        got += (size_t)r;
+    }
+    out[6] = (uint8_t)((out[6] & 0x0f) | 0x40);
+    out[8] = (uint8_t)((out[8] & 0x3f) | 0x80);
+    return 0;
+}
+
+static snap *snap_find_uuid(vol *v, const uint8_t *uuid)
+{
+    for (uint32_t i = 0; i < v->nsnaps; i++)
+        if (memcmp(v->snaps[i].uuid, uuid, 16) == 0)
+            return &v->snaps[i];
+    return NULL;
+}
+
+/* Room for one more snapshot in v->snaps (changes nothing visible). */
+static int snaps_reserve(vol *v)
+{
+    if (v->nsnaps < v->snaps_cap)
+        return 0;
+    uint32_t cap = v->snaps_cap ? v->snaps_cap * 2 : 16;
+    snap *n = realloc(v->snaps, cap * sizeof *n);
+    if (!n)
+        return fail(ENOMEM, "out of memory for snapshots");
+    v->snaps = n;
+    v->snaps_cap = cap;
+    return 0;
+}
+
+/* Add a snapshot with this map (taken over), or a clone of the head when map is NULL. A nil
+ * uuid (recorded by an older version) is replaced by the derived one. */
+static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const char *name,
+                    const uint8_t *uuid, uint32_t flags, blockmap *map)
+{
+    if (snaps_reserve(v) < 0)
+        return -1;
     blockmap *clone = map ? map : blockmap_clone(v->head);
     if (!clone)
         return fail(ENOMEM, "out of memory for a snapshot");
@@ -1027,6 +1146,11 @@ static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const c
     sn->gen = gen;
     sn->created = created;
     snprintf(sn->name, sizeof sn->name, "%s", name);
+    if (uuid && !uuid_is_nil(uuid))
+        memcpy(sn->uuid, uuid, 16);
+    else
+        snap_legacy_uuid(v, id, created, sn->uuid);
+    sn->flags = flags;
     sn->map = clone;
     if (id >= v->next_snap_id)
         v->next_snap_id = id + 1;
@@ -1052,20 +1176,50 @@ static int append_snap_record(vol *v, int type, const uint8_t *payload, uint32_t
     return append_record(v, type, 0, 0, 0, gen, &c, 1, payload, plen, NULL, NULL);
 }
 
-int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out)
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t *uuid, uint32_t flags,
+                    uint32_t *id_out)
 {
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
     size_t nl = strlen(name);
     if (nl == 0 || nl > VOL_SNAP_NAME_MAX)
         return fail(EINVAL, "snapshot name must be 1 to %d characters", VOL_SNAP_NAME_MAX);
+    if (uuid && uuid_is_nil(uuid))
+        return fail(EINVAL, "the nil uuid cannot identify a snapshot");
     pthread_mutex_lock(&v->lock);
     int r = -1;
+    blockmap *clone = NULL;
+    uint8_t u[16];
+    char us[37];
     for (uint32_t i = 0; i < v->nsnaps; i++)
         if (strcmp(v->snaps[i].name, name) == 0) {
             fail(EEXIST, "a snapshot named %s already exists", name);
             goto out;
         }
+    if (uuid) {
+        memcpy(u, uuid, 16);
+        snap *dup = snap_find_uuid(v, u);
+        if (dup) {
+            uuid_format(u, us);
+            fail(EEXIST, "a snapshot with uuid %s already exists (named %s)", us, dup->name);
+            goto out;
+        }
+    } else {
+        do /* a repeat is as good as impossible; never hand out one identity twice anyway */
+            if (uuid_random(u) < 0)
+                goto out;
+        while (snap_find_uuid(v, u));
+    }
+    /* Everything that can fail without touching the log first (room, the clone), then the
+     * record: if it cannot be written, nothing changed. Then the snapshot, the new epoch and a
+     * flush, so the snapshot (and every write acknowledged before it) is durable when this
+     * returns. */
+    if (snaps_reserve(v) < 0)
+        goto out;
+    if (!(clone = blockmap_clone(v->head))) {
+        fail(ENOMEM, "out of memory for a snapshot");
+        goto out;
+    }
     uint32_t id = v->next_snap_id, gen = v->gen;
     uint8_t p[SNAP_PAYLOAD] = {0};
     put32(p, id);
@@ -1073,13 +1227,12 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_
     put64(p + 8, created_ns);
     put32(p + 16, (uint32_t)nl);
     memcpy(p + 20, name, nl);
-    /* The record first: if it cannot be written, nothing changed. Then the clone, the new
-     * epoch, and a flush, so the snapshot (and every write acknowledged before it) is durable
-     * when this returns. */
+    put32(p + 84, flags);
+    memcpy(p + 96, u, 16);
     if (append_snap_record(v, R_SNAP, p, SNAP_PAYLOAD, gen) < 0)
         goto out;
-    if (snap_add(v, id, gen, created_ns, name, NULL) < 0)
-        goto out;
+    snap_add(v, id, gen, created_ns, name, u, flags, clone); /* cannot fail: room and map are ready */
+    clone = NULL;
     v->snaps[v->nsnaps - 1].map->hooks = &v->hooks;
     v->gen = gen + 1;
     if (flush_locked(v) < 0)
@@ -1087,6 +1240,7 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_
     *id_out = id;
     r = 0;
 out:
+    blockmap_free(clone);
     pthread_mutex_unlock(&v->lock);
     return r;
 }
@@ -1121,6 +1275,8 @@ int vol_snap_list(vol *v, vol_snap_info *out, int max)
         out[n].gen = v->snaps[i].gen;
         out[n].created = v->snaps[i].created;
         memcpy(out[n].name, v->snaps[i].name, sizeof out[n].name);
+        memcpy(out[n].uuid, v->snaps[i].uuid, 16);
+        out[n].flags = v->snaps[i].flags;
     }
     int total = (int)v->nsnaps;
     pthread_mutex_unlock(&v->lock);
@@ -1410,13 +1566,15 @@ int vol_checkpoint(vol *v)
             wout(&w, order[i]->e, sizeof order[i]->e);
         }
         for (uint32_t m = 0; m < nmaps; m++) {
-            uint8_t mh[96] = {0};
+            uint8_t mh[CKPT_MAP_HDR] = {0}; /* the head's (m = 0) has no name, flags or uuid */
             put32(mh, m ? meta[m].id : 0);
             put32(mh + 4, meta[m].gen);
             put64(mh + 8, meta[m].created);
             put32(mh + 16, (uint32_t)strlen(meta[m].name));
             memcpy(mh + 20, meta[m].name, strlen(meta[m].name));
+            put32(mh + 84, meta[m].flags);
             put64(mh + 88, maps[m]->nleaves);
+            memcpy(mh + 96, meta[m].uuid, 16);
             wout(&w, mh, sizeof mh);
             uint64_t written = 0;
             for (uint64_t li = blockmap_next_leaf(maps[m], 0); li != UINT64_MAX; li = blockmap_next_leaf(maps[m], li + 1)) {
@@ -1492,10 +1650,12 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         fail(EIO, "checkpoint is corrupt (bad magic or too short)");
         goto out;
     }
-    if (get32(d + 4) != CKPT_VERSION) {
-        fail(EPROTO, "checkpoint has unsupported version %u", get32(d + 4));
+    uint32_t version = get32(d + 4);
+    if (version != CKPT_VERSION && version != 2) {
+        fail(EPROTO, "checkpoint has unsupported version %u", version);
         goto out;
     }
+    size_t mhlen = version == 2 ? CKPT_V2_MAP_HDR : CKPT_MAP_HDR;
     if (memcmp(d + 8, v->p.uuid, 16) != 0) {
         fail(EIO, "checkpoint belongs to another volume (uuid mismatch)");
         goto out;
@@ -1549,7 +1709,7 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         }
     }
     for (uint32_t m = 0; m < nmaps; m++) {
-        if (96 > end - pos) {
+        if (mhlen > end - pos) {
             free(lis);
             fail(EIO, "checkpoint is corrupt (map header)");
             goto out;
@@ -1557,7 +1717,9 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         const uint8_t *mh = d + pos;
         uint32_t id = get32(mh), mgen = get32(mh + 4), namelen = get32(mh + 16);
         uint64_t cnt = get64(mh + 88);
-        pos += 96;
+        uint32_t mflags = version == 2 ? 0 : get32(mh + 84);
+        const uint8_t *muuid = version == 2 ? NULL : mh + 96; /* NULL, nil: derived (snap_add) */
+        pos += mhlen;
         if ((m == 0) != (id == 0) || namelen > VOL_SNAP_NAME_MAX || cnt > (end - pos) / 4) {
             free(lis);
             fail(EIO, "checkpoint is corrupt (map %u)", m);
@@ -1568,7 +1730,7 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
             char name[VOL_SNAP_NAME_MAX + 1] = {0};
             memcpy(name, mh + 20, namelen);
             blockmap *sm = blockmap_new(v->nblocks);
-            if (!sm || snap_add(v, id, mgen, get64(mh + 8), name, sm) < 0) {
+            if (!sm || snap_add(v, id, mgen, get64(mh + 8), name, muuid, mflags, sm) < 0) {
                 blockmap_free(sm);
                 free(lis);
                 fail(ENOMEM, "out of memory loading checkpoint");
@@ -1643,7 +1805,8 @@ static int parse_rec(vol *v, const uint8_t *d, size_t len, size_t pos, rec *r)
             r->ncrc = r->nblocks;
         }
     } else if (r->type == R_SNAP || r->type == R_SNAPDEL) {
-        if (r->plen != (r->type == R_SNAP ? SNAP_PAYLOAD : SNAPDEL_PAYLOAD) || r->nblocks || r->lba)
+        if ((r->type == R_SNAP ? r->plen != SNAP_PAYLOAD && r->plen != SNAP_V1_PAYLOAD : r->plen != SNAPDEL_PAYLOAD) ||
+            r->nblocks || r->lba)
             return 0;
         r->ncrc = 1;
     } else {
@@ -1716,7 +1879,9 @@ static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
         uint32_t nl = get32(p + 16);
         char name[VOL_SNAP_NAME_MAX + 1] = {0};
         memcpy(name, p + 20, nl > VOL_SNAP_NAME_MAX ? VOL_SNAP_NAME_MAX : nl);
-        if (snap_add(v, get32(p), get32(p + 4), get64(p + 8), name, NULL) < 0)
+        int v1 = r->plen == SNAP_V1_PAYLOAD; /* no flags, no uuid: derived (snap_add) */
+        if (snap_add(v, get32(p), get32(p + 4), get64(p + 8), name, v1 ? NULL : p + 96, v1 ? 0 : get32(p + 84),
+                     NULL) < 0)
             return -1;
         v->gen = get32(p + 4) + 1;
         return 0;

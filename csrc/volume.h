@@ -1,5 +1,5 @@
 /* The lsfs volume: a log of checksummed records in segment files plus a block map.
- * On-disk format: docs/FORMAT.md. Python wrapper: engine/lsfs.py.
+ * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume.py.
  *
  * Notes on the design:
  *  - One mutex per volume. Every public function takes it for its whole duration except
@@ -69,6 +69,8 @@ typedef struct vol_snap_info {
     uint32_t gen;
     uint64_t created; /* unix ns */
     char name[VOL_SNAP_NAME_MAX + 1];
+    uint8_t uuid[16]; /* identity, RFC 4122 byte order; unique in the volume, never nil */
+    uint32_t flags;   /* as given to vol_snap_create (0 for snapshots recorded without) */
 } vol_snap_info;
 
 #define VOL_EXTENT_DATA 0
@@ -85,8 +87,17 @@ int vol_checkpoint(vol *v);
 
 /* Snapshots (FORMAT.md §5, §8). Ids are > 0; id 0 names the head where a map is asked for.
  * create: a SNAP record, a clone of the head's map, a new generation, a flush (durable when it
- * returns); EEXIST for a duplicate name. delete: a SNAPDEL record, the map dropped; ENOENT. */
-int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out);
+ * returns). uuid: 16 bytes, the snapshot's identity (a DR snapshot passes the primary's), or
+ * NULL for a new random (version 4) one; flags: stored and listed, no meaning to the engine.
+ * Errors: EROFS read-only; EINVAL bad name length or the nil uuid; EEXIST a snapshot with that
+ * name, or with that uuid, exists (a volume never holds two snapshots with one identity; the
+ * message says which); ENOMEM; an errno of getrandom; or the append's errno (ENOSPC, EIO):
+ * each of these changes nothing. Only a failure of the final flush returns -1 with the
+ * snapshot made (in memory and in the log buffer, like an NBD write whose flush failed: it is
+ * durable once a later flush succeeds).
+ * delete: a SNAPDEL record, the map dropped; ENOENT. */
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t *uuid, uint32_t flags,
+                    uint32_t *id_out);
 int vol_snap_delete(vol *v, uint32_t id);
 /* Fills up to max entries, oldest first; returns the number of snapshots. */
 int vol_snap_list(vol *v, vol_snap_info *out, int max);

@@ -29,7 +29,7 @@ typedef struct vol_stats {
     uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests; uint64_t pool_files;
 } vol_stats;
 typedef struct vol_snap_info {
-    uint32_t id; uint32_t gen; uint64_t created; char name[65];
+    uint32_t id; uint32_t gen; uint64_t created; char name[65]; uint8_t uuid[16]; uint32_t flags;
 } vol_snap_info;
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
 int vol_close(vol *v);
@@ -39,7 +39,8 @@ int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
 int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim);
 int vol_flush(vol *v);
 int vol_checkpoint(vol *v);
-int vol_snap_create(vol *v, const char *name, uint64_t created_ns, uint32_t *id_out);
+int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t *uuid, uint32_t flags,
+                    uint32_t *id_out);
 int vol_snap_delete(vol *v, uint32_t id);
 int vol_snap_list(vol *v, vol_snap_info *out, int max);
 int vol_snap_read(vol *v, uint32_t id, void *buf, uint64_t count, uint64_t offset);

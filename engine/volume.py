@@ -54,6 +54,23 @@ def validate_snapshot_name(name: str) -> str:
     return name
 
 
+def parse_snapshot_uuid(value) -> _uuid.UUID:
+    """A snapshot uuid given as a string (any form uuid.UUID reads) or a uuid.UUID; never nil."""
+    if isinstance(value, _uuid.UUID):
+        u = value
+    else:
+        try:
+            u = _uuid.UUID(value) if isinstance(value, str) else None
+        except ValueError:
+            u = None
+        if u is None:
+            raise InvalidArgument(f"invalid snapshot uuid {value!r} "
+                                  "(expected e.g. 3f2b8c1e-9d4a-4e6b-8f1a-2c3d4e5f6a7b)")
+    if u.int == 0:
+        raise InvalidArgument("the nil uuid cannot identify a snapshot")
+    return u
+
+
 def default_snapshot_name() -> str:
     """A UTC timestamp with milliseconds, e.g. 20261125T081500123Z (a valid name; sorts by time)."""
     now = _dt.datetime.now(_dt.UTC)
@@ -372,7 +389,9 @@ class Volume:
 
     # ---- snapshots (docs/FORMAT.md §8) ----
     def snapshots(self) -> list[dict]:
-        """Snapshots oldest first: id, name, generation, created (ISO 8601 UTC)."""
+        """Snapshots oldest first: id, name, generation, created (ISO 8601 UTC), uuid (the
+        snapshot's identity: canonical lowercase string, unique in the volume; a DR snapshot
+        carries the primary's) and flags (int, stored for the caller)."""
         ffi, lib = self._n.ffi, self._n.lib
         cap = 64
         while True:
@@ -386,7 +405,9 @@ class Volume:
             s = out[i]
             created = _dt.datetime.fromtimestamp(s.created / 1e9, _dt.UTC)
             res.append({"id": s.id, "name": ffi.string(s.name).decode(), "generation": s.gen,
-                        "created": created.isoformat(timespec="seconds").replace("+00:00", "Z")})
+                        "created": created.isoformat(timespec="seconds").replace("+00:00", "Z"),
+                        "uuid": str(_uuid.UUID(bytes=bytes(ffi.buffer(s.uuid, 16)))),
+                        "flags": s.flags})
         return res
 
     def snapshot(self, name: str) -> dict:
@@ -395,12 +416,28 @@ class Volume:
                 return s
         raise NotFound(f"no snapshot named {name!r} in {self.path}")
 
-    def snapshot_create(self, name: str, created_ns: int | None = None) -> dict:
+    def snapshot_by_uuid(self, uuid: str) -> dict:
+        u = str(parse_snapshot_uuid(uuid))
+        for s in self.snapshots():
+            if s["uuid"] == u:
+                return s
+        raise NotFound(f"no snapshot with uuid {u} in {self.path}")
+
+    def snapshot_create(self, name: str, created_ns: int | None = None, *, uuid: str | None = None,
+                        flags: int = 0) -> dict:
+        """Take a snapshot of the head. uuid: its identity (a DR snapshot passes the primary
+        snapshot's), default a new random one; AlreadyExists if the name or the uuid is taken.
+        flags: a 32-bit word stored with it (no meaning to the engine)."""
         validate_snapshot_name(name)
+        u = None if uuid is None else parse_snapshot_uuid(uuid)
+        if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags <= 0xFFFFFFFF:
+            raise InvalidArgument(f"snapshot flags must be an integer from 0 to 2**32-1, not {flags!r}")
+        ns = created_ns if created_ns is not None else _time.time_ns()
+        if isinstance(ns, bool) or not isinstance(ns, int) or not 0 <= ns < 1 << 64:
+            raise InvalidArgument(f"snapshot creation time must be Unix time in ns, not {created_ns!r}")
         ffi = self._n.ffi
         out = ffi.new("uint32_t *")
-        ns = created_ns if created_ns is not None else _time.time_ns()
-        if self._n.lib.vol_snap_create(self._v, name.encode(), ns, out):
+        if self._n.lib.vol_snap_create(self._v, name.encode(), ns, ffi.NULL if u is None else u.bytes, flags, out):
             self._raise(f"creating snapshot {name}")
         return self.snapshot(name)
 

@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import struct
+import uuid
 
 import pytest
 
@@ -352,3 +354,208 @@ def test_crash_after_the_collector_moved_a_block_only_a_snapshot_holds_keeps_the
         assert v.read(4096, 0) == b"B" * 4096
         assert v.snapshot_read(s2["id"], 4096, 0) == b"B" * 4096
         assert v.snapshot_read(s1["id"], 4096, 0) == b"A" * 4096
+
+
+# ------------------------------------------------- snapshot identity: uuid and flags (FORMAT.md §8)
+
+def _crc32c(data: bytes) -> int:
+    from engine import _native
+    return _native.lib.crc32c_extend(0, _native.ffi.from_buffer(data), len(data))
+
+
+def _identity(v) -> list[tuple]:
+    return [(s["id"], s["name"], s["uuid"], s["flags"]) for s in v.snapshots()]
+
+
+def test_snapshot_uuid_and_flags_survive_close_and_reopen(vol):
+    given = "C0FFEE00-1234-4ABC-8DEF-0123456789AB"
+    vol.write(b"a" * 4096, 0)
+    a = vol.snapshot_create("a")
+    b = vol.snapshot_create("b", uuid=given, flags=0xDEADBEEF)
+    assert b["uuid"] == given.lower() and b["flags"] == 0xDEADBEEF
+    assert a["flags"] == 0 and uuid.UUID(a["uuid"]).version == 4
+    before = _identity(vol)
+    v2 = reopen(vol)  # close writes a checkpoint (version 3): the maps come from it, no replay
+    try:
+        assert (v2.path / "checkpoint").read_bytes()[4:8] == struct.pack("<I", 3)
+        assert v2.recovery["records_replayed"] == 0
+        assert _identity(v2) == before
+        assert v2.snapshot_by_uuid(given)["name"] == "b"
+        assert v2.snapshot_read(a["id"], 4096, 0) == b"a" * 4096
+    finally:
+        v2.close()
+
+
+def test_snapshot_uuid_and_flags_survive_a_crash_before_any_checkpoint(tmp_path):
+    volume.create(tmp_path / "c", 16 * MiB, segment_size=1 * MiB)
+    v = Volume.open(tmp_path / "c")
+    v.write(b"x" * 8192, 0)
+    v.snapshot_create("one", flags=1)
+    v.snapshot_create("two", uuid=str(uuid.uuid4()), flags=0xFFFFFFFF)
+    v.write(b"y" * 4096, 0)
+    before = _identity(v)
+    v.abandon()  # a crash: no checkpoint was ever written, the SNAP records are replayed
+    assert not (tmp_path / "c" / "checkpoint").exists()
+    with Volume.open(tmp_path / "c") as v:
+        assert v.recovery["records_replayed"] > 0
+        assert _identity(v) == before
+    with Volume.open(tmp_path / "c") as v:  # and once more, now from the checkpoint
+        assert _identity(v) == before
+
+
+def test_snapshot_uuids_are_random_version_4_and_unique(tmp_path):
+    seen = set()
+    for name in ("p", "q"):
+        volume.create(tmp_path / name, 16 * MiB)
+        with Volume.open(tmp_path / name) as v:
+            for i in range(20):
+                u = uuid.UUID(v.snapshot_create(f"s{i}")["uuid"])
+                assert u.version == 4 and u.variant == uuid.RFC_4122, u
+                assert str(u) not in seen
+                seen.add(str(u))
+    assert len(seen) == 40
+
+
+def test_given_snapshot_uuid_is_kept_and_found(vol):
+    u = uuid.uuid4()
+    s = vol.snapshot_create("mine", uuid=str(u).upper(), flags=5)
+    assert s["uuid"] == str(u)  # canonical: lowercase, hyphenated
+    assert vol.snapshot_by_uuid(str(u)) == s
+    assert vol.snapshot_by_uuid("{%s}" % str(u).upper()) == s
+    with pytest.raises(NotFound, match="no snapshot with uuid"):
+        vol.snapshot_by_uuid(str(uuid.uuid4()))
+    with pytest.raises(InvalidArgument, match="invalid snapshot uuid"):
+        vol.snapshot_by_uuid("not-a-uuid")
+
+
+def test_duplicate_snapshot_uuid_is_refused_and_nothing_changes(vol):
+    u = str(uuid.uuid4())
+    vol.write(b"a" * 4096, 0)
+    vol.snapshot_create("first", uuid=u, flags=3)
+    vol.write(b"b" * 4096, 0)
+    vol.flush()
+    snaps, st = vol.snapshots(), vol.stats()
+    segs = {p.name: p.stat().st_size for p in (vol.path / "segments").iterdir()}
+    with pytest.raises(AlreadyExists, match=f"uuid {u} already exists \\(named first\\)"):
+        vol.snapshot_create("second", uuid=u.upper())
+    with pytest.raises(AlreadyExists, match="named first already exists"):
+        vol.snapshot_create("first", uuid=str(uuid.uuid4()))
+    assert vol.snapshots() == snaps
+    after = vol.stats()
+    assert (after["gen"], after["next_seq"]) == (st["gen"], st["next_seq"])
+    assert {p.name: p.stat().st_size for p in (vol.path / "segments").iterdir()} == segs
+    v2 = reopen(vol)
+    try:
+        assert v2.snapshots() == snaps
+        assert v2.read(4096, 0) == b"b" * 4096
+    finally:
+        v2.close()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"uuid": "00000000-0000-0000-0000-000000000000"}, "nil uuid"),
+    ({"uuid": "1234"}, "invalid snapshot uuid"),
+    ({"uuid": 12}, "invalid snapshot uuid"),
+    ({"flags": -1}, "flags"),
+    ({"flags": 1 << 32}, "flags"),
+    ({"flags": "1"}, "flags"),
+    ({"created_ns": -1}, "creation time"),
+], ids=["nil", "short", "int", "negative-flags", "wide-flags", "str-flags", "negative-time"])
+def test_bad_snapshot_uuid_or_flags_are_refused_and_change_nothing(vol, kwargs, match):
+    st = vol.stats()
+    with pytest.raises(InvalidArgument, match=match):
+        vol.snapshot_create("s", **kwargs)
+    assert vol.snapshots() == []
+    assert vol.stats()["next_seq"] == st["next_seq"]
+
+
+def _legacy_uuid(v, s, created_ns: int) -> str:
+    return str(uuid.uuid5(uuid.UUID(v.params.uuid), f"snapshot-{s['id']}-{created_ns}"))
+
+
+def _checkpoint_to_v2(path) -> None:
+    """Rewrite a version 3 checkpoint as version 2 (96-byte map headers), per FORMAT.md §4."""
+    d = path.read_bytes()
+    assert d[:8] == struct.pack("<II", 0x4B435242, 3)
+    nmaps, nsegs = struct.unpack_from("<II", d, 52)
+    pos = 64 + 16 * nsegs
+    pos += 8 + struct.unpack_from("<Q", d, pos)[0] * (8 + 512 * 16)
+    out = bytearray(d[:pos])
+    struct.pack_into("<I", out, 4, 2)
+    for _ in range(nmaps):
+        nleaves = struct.unpack_from("<Q", d, pos + 88)[0]
+        out += d[pos:pos + 84] + bytes(4) + d[pos + 88:pos + 96] + d[pos + 112:pos + 112 + 4 * nleaves]
+        pos += 112 + 4 * nleaves
+    assert pos == len(d) - 4
+    out += struct.pack("<I", _crc32c(bytes(out)))
+    path.write_bytes(bytes(out))
+
+
+def _snap_records_to_96(segdir) -> int:
+    """Rewrite every 112-byte SNAP record as the older 96-byte one (FORMAT.md §3); returns how many."""
+    n = 0
+    for seg in sorted(segdir.glob("*.seg")):
+        d = seg.read_bytes()
+        out, pos = bytearray(d[:64]), 64
+        while pos + 48 <= len(d) and d[pos:pos + 4] == struct.pack("<I", 0x43525242):
+            typ, fl = d[pos + 8], d[pos + 9]
+            nblocks, plen = struct.unpack_from("<II", d, pos + 12)
+            k = (1 if fl & 1 else nblocks) if typ in (1, 4) else 1 if typ in (6, 7) else 0
+            rec = d[pos:pos + 48 + 4 * k + plen]
+            if typ == 6 and plen == 112:
+                payload = rec[52:52 + 84] + bytes(12)  # no flags, no uuid
+                hdr = bytearray(rec[:48])
+                struct.pack_into("<I", hdr, 16, 96)
+                crc = struct.pack("<I", _crc32c(payload))
+                struct.pack_into("<I", hdr, 4, _crc32c(bytes(hdr[8:]) + crc))
+                rec = bytes(hdr) + crc + payload
+                n += 1
+            out += rec
+            pos += 48 + 4 * k + plen
+        seg.write_bytes(bytes(out))  # the records after a rewritten one move up 16 bytes
+    return n
+
+
+def test_volume_with_a_version_2_checkpoint_still_opens(tmp_path):
+    volume.create(tmp_path / "old", 16 * MiB, segment_size=1 * MiB)
+    with Volume.open(tmp_path / "old") as v:
+        v.write(b"1" * 4096, 0)
+        a = v.snapshot_create("a", created_ns=1)
+        v.write(b"2" * 4096, 0)
+        b = v.snapshot_create("b", created_ns=(1 << 64) - 1, flags=9)
+        v.write(b"3" * 4096, 0)
+    _checkpoint_to_v2(tmp_path / "old" / "checkpoint")
+    with Volume.open(tmp_path / "old") as v:
+        want = [(a["id"], "a", _legacy_uuid(v, a, 1), 0), (b["id"], "b", _legacy_uuid(v, b, (1 << 64) - 1), 0)]
+        assert _identity(v) == want  # version 2 has no uuid or flags: derived, 0
+        assert v.snapshot_read(a["id"], 4096, 0) == b"1" * 4096
+        assert v.snapshot_read(b["id"], 4096, 0) == b"2" * 4096
+        assert v.read(4096, 0) == b"3" * 4096
+        with pytest.raises(AlreadyExists, match="uuid"):  # a derived uuid is an identity too
+            v.snapshot_create("c", uuid=want[0][2])
+    assert (tmp_path / "old" / "checkpoint").read_bytes()[4:8] == struct.pack("<I", 3)
+    with Volume.open(tmp_path / "old") as v:  # now stored in a version 3 checkpoint
+        assert _identity(v) == want
+
+
+def test_volume_with_96_byte_snap_records_still_opens(tmp_path):
+    volume.create(tmp_path / "old", 16 * MiB, segment_size=1 * MiB)
+    v = Volume.open(tmp_path / "old")
+    v.write(b"1" * 4096, 0)
+    a = v.snapshot_create("a", created_ns=1_700_000_000_123_456_789, flags=4)
+    v.write(b"2" * 4096, 0)
+    b = v.snapshot_create("b", created_ns=5)
+    v.write(b"3" * 4096, 0)
+    v.flush()
+    v.abandon()  # no checkpoint: everything is replayed from the log
+    assert _snap_records_to_96(tmp_path / "old" / "segments") == 2
+    with Volume.open(tmp_path / "old") as v:
+        assert v.recovery["torn_bytes_dropped"] == 0 and v.recovery["skipped_bytes"] == 0
+        want = [(a["id"], "a", _legacy_uuid(v, a, 1_700_000_000_123_456_789), 0),
+                (b["id"], "b", _legacy_uuid(v, b, 5), 0)]
+        assert _identity(v) == want
+        assert v.snapshot_read(a["id"], 4096, 0) == b"1" * 4096
+        assert v.snapshot_read(b["id"], 4096, 0) == b"2" * 4096
+        assert v.read(4096, 0) == b"3" * 4096
+    with Volume.open(tmp_path / "old") as v:  # the checkpoint written at close keeps them
+        assert _identity(v) == want

@@ -25,6 +25,7 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import nbd
@@ -507,7 +508,7 @@ def test_snapshot_list_json_shape_and_order(server):
     assert [x["name"] for x in snaps] == ["zz", "mm", "aa"]
     for x in snaps:
         for key, typ in [("id", int), ("name", str), ("created", str), ("generation", int),
-                         ("changed_bytes", int), ("pinned_bytes", int)]:
+                         ("changed_bytes", int), ("pinned_bytes", int), ("uuid", str), ("flags", int)]:
             assert isinstance(x.get(key), typ), (key, x)
         created = dt.datetime.fromisoformat(x["created"].replace("Z", "+00:00"))
         assert created.utcoffset() == dt.timedelta(0), x["created"]
@@ -531,6 +532,26 @@ def test_snapshot_list_json_shape_and_order(server):
     i = info(server.vol)
     assert [x["name"] for x in i["snapshots"]] == ["zz", "mm", "aa"]
     assert i["pinned_bytes"] == sum(x["pinned_bytes"] for x in snaps)
+
+
+def test_snapshot_list_json_shows_each_snapshots_uuid_served_and_not_served(make_server):
+    s = make_server(size="16M")
+    snapshot_create(s.vol, "on1")  # served: through the control socket
+    served = snapshot_list(s.vol)
+    s.stop()
+    snapshot_create(s.vol, "off1")  # not served: the volume opened directly
+    unserved = snapshot_list(s.vol)
+    s.start()
+    again = snapshot_list(s.vol)
+    for listing in (served, unserved, again):
+        for x in listing:
+            u = uuid.UUID(x["uuid"])
+            assert x["uuid"] == str(u), x  # canonical lowercase
+            assert u.version == 4 and x["flags"] == 0, x
+    assert [x["name"] for x in again] == ["on1", "off1"]
+    # one identity per snapshot, the same whoever lists it and across stop/start
+    assert unserved[0]["uuid"] == served[0]["uuid"] == again[0]["uuid"]
+    assert unserved[1]["uuid"] == again[1]["uuid"] != again[0]["uuid"]
 
 
 def test_diff_json_equals_the_extents_written_between_snapshots(server):
