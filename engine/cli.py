@@ -143,15 +143,18 @@ def cmd_snapshot_list(a) -> int:
 
 def cmd_snapshot_delete(a) -> int:
     validate_snapshot_name(a.name)  # before the volume is opened: a bad name changes nothing
-    run_op(a.volume, "snapshot_delete", name=a.name)
+    run_op(a.volume, "snapshot_delete", name=a.name, force=a.force)
     return 0
 
 
 def cmd_snapshot_prune(a) -> int:
     if a.keep < 0:
         raise InvalidArgument("--keep must be 0 or more")
-    for name in run_op(a.volume, "snapshot_prune", keep=a.keep):
+    res = run_op(a.volume, "snapshot_prune", keep=a.keep, force=a.force)
+    for name in res["deleted"]:
         print(f"deleted {name}")
+    for name, why in res["kept"].items():
+        print(f"blockrep: kept {name}: {why} (--force deletes it)", file=sys.stderr)
     return 0
 
 
@@ -168,55 +171,91 @@ def cmd_diff(a) -> int:
 
 
 def cmd_replicate(a) -> int:
-    from .replicate import replicate
+    from .replication.replicate import replicate
     for n in (a.keep_local, a.keep_remote):
         if n is not None and n < 1:
             raise InvalidArgument("--keep-local/--keep-remote must be at least 1 (the common base)")
     if a.snapshot:
-        from .volume import validate_snapshot_name
         validate_snapshot_name(a.snapshot)
-    res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
-                    rate=a.rate, full=a.full, progress=sys.stderr.isatty() and not a.json)
+        if a.freeze or a.pre or a.post:
+            raise InvalidArgument("--freeze/--pre/--post apply to the snapshot replicate takes: drop --snapshot")
+    if a.connections < 1 or a.in_flight < 1:
+        raise InvalidArgument("--connections and --in-flight must be at least 1")
+    try:
+        res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
+                        rate=a.rate, full=a.full, force=a.force, wait=a.wait, freeze=a.freeze, pre=a.pre,
+                        post=a.post, progress=sys.stderr.isatty() and not a.json,
+                        connections=a.connections, in_flight=a.in_flight)
+    except BlockrepError as e:
+        if a.json:
+            _print_json({**getattr(e, "details", {}), "target": a.to, "error": str(e)})
+        raise
     if a.json:
         _print_json(res)
+    elif res.get("already_replicated"):
+        print(f"{res['snapshot']} is already replicated to {a.to}")
     else:
-        how = "full copy" if res.get("full") else f"since {res.get('base')}"
+        how = {"seed": "seed (full copy)", "rebase": "rebase (digests compared)"}.get(
+            res["mode"], f"incremental since {res.get('base')}")
         print(f"replicated {res['snapshot']} ({how}): {format_size(res['bytes_sent'])} sent, "
               f"{res['extents']} extents, {res['seconds']} s")
     return 0
 
 
 def cmd_verify(a) -> int:
-    from .replicate import verify
-    bad = verify(a.volume, a.snapshot, a.against)
-    for e in bad:
-        print(f"{e['offset']} {e['length']}")
-    if bad:
-        print(f"blockrep: error: {a.snapshot} differs from {a.against} in {len(bad)} extent(s)", file=sys.stderr)
+    from .replication.verify import verify
+    validate_snapshot_name(a.snapshot)
+    res = verify(a.volume, a.snapshot, a.against, quick=a.quick)
+    if a.json:
+        _print_json(res)
+    else:
+        for e in res["differing"]:
+            print(f"{e['offset']} {e['length']}")
+    if res.get("error"):
+        print(f"blockrep: error: {res['error']}", file=sys.stderr)
         return 1
+    if not res["identical"]:
+        print(f"blockrep: error: {a.snapshot} differs from {a.against} in {len(res['differing'])} extent(s)",
+              file=sys.stderr)
+        return 1
+    if not a.json:
+        print(f"{a.snapshot} is identical at {a.against} ({res['chunks_compared']} chunks of 1 MiB compared"
+              f"{', last delta only' if a.quick else ''})")
     return 0
 
 
 def cmd_status(a) -> int:
-    from .replicate import status
+    from .replication.status import forget, status
+    if a.forget:
+        if not forget(a.volume, a.forget):
+            raise InvalidArgument(f"{a.forget} is not a replication target of {a.volume}")
+        print(f"forgot {a.forget}")
+        return 0
     rows = status(a.volume)
     if a.json:
         _print_json(rows)
-        return 0
-    if not rows:
+    elif not rows:
         print("no replication targets yet")
-    for r in rows:
+    for r in rows if not a.json else []:
         rpo = f"{r['rpo_seconds']} s" if r["rpo_seconds"] is not None else "-"
         pend = format_size(r["pending_bytes"]) if r["pending_bytes"] is not None else "-"
-        rate = format_size(r["last_rate"]) + "/s" if r["last_rate"] else "-"
-        print(f"{r['target']}: snapshot {r['snapshot']}, RPO {rpo}, pending {pend}, last rate {rate}, "
-              f"last error {r['last_error'] or 'none'}")
+        ok, bad = r["last_success"], r["last_failure"]
+        line = (f"{r['target']}: {r['state']}, snapshot {r['snapshot'] or '-'}, RPO {rpo}, pending {pend}, "
+                f"last success {ok['at'] if ok else 'never'}")
+        if bad:
+            line += f", last failure {bad['at']}: {bad.get('error')}"
+        print(line)
+    if a.max_rpo is not None:
+        late = [r["target"] for r in rows if r["rpo_seconds"] is None or r["rpo_seconds"] > a.max_rpo]
+        if late:
+            print(f"blockrep: error: RPO above {a.max_rpo} s for {', '.join(late)}", file=sys.stderr)
+            return 1
     return 0
 
 
 def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
-                       foreground=a.foreground)
+                       foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune)
     del uri  # daemon mode prints nothing else (contract); `blockrep info` shows the URI
     return 0
 
@@ -259,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP instead of a Unix socket")
     s.add_argument("--tls-psk", metavar="FILE", help="require TLS with this PSK file")
     s.add_argument("--foreground", action="store_true", help="do not daemonise")
+    s.add_argument("--keep", type=int, metavar="N",
+                   help="as a DR: keep the newest N replicated snapshots (the DR's own retention)")
+    s.add_argument("--allow-remote-prune", action="store_true",
+                   help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
 
     sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots")
     ssub = sn.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser)
@@ -271,8 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(ssub, "list", cmd_snapshot_list, "list snapshots, oldest first", json=True)
     d2 = _command(ssub, "delete", cmd_snapshot_delete, "delete a snapshot")
     d2.add_argument("name")
+    d2.add_argument("--force", action="store_true", help="also a snapshot replication still needs")
     p2 = _command(ssub, "prune", cmd_snapshot_prune, "delete all but the newest N snapshots")
     p2.add_argument("--keep", type=int, required=True)
+    p2.add_argument("--force", action="store_true", help="also snapshots replication still needs")
 
     df = _command(sub, "diff", cmd_diff, "changed extents between two snapshots", json=True)
     df.add_argument("from", metavar="FROM")
@@ -285,13 +330,25 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--keep-remote", type=int, metavar="N")
     rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s")
     rp.add_argument("--full", action="store_true", help="send everything, not only the delta")
+    rp.add_argument("--force", action="store_true",
+                    help="overwrite the head of a DR bound to another volume or holding data of its own")
+    rp.add_argument("--wait", action="store_true", help="wait for a run to the same target to finish")
+    rp.add_argument("--freeze", metavar="MOUNTPOINT", action="append", help="fsfreeze around the snapshot")
+    rp.add_argument("--pre", metavar="CMD", action="append", help="run before the snapshot; failure refuses it")
+    rp.add_argument("--post", metavar="CMD", action="append", help="run after the snapshot, always")
+    rp.add_argument("--connections", type=int, default=4, help="connections to the target (default 4)")
+    rp.add_argument("--in-flight", type=int, default=64, help="requests in flight per connection (default 64)")
 
-    vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)")
+    vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)
     vf.add_argument("snapshot")
-    vf.add_argument("--against", required=True, metavar="URI")
+    vf.add_argument("--against", required=True, metavar="URI",
+                    help="the DR server, its @SNAP export, or any NBD export")
+    vf.add_argument("--quick", action="store_true", help="only the chunks of the last delta")
 
-    _command(sub, "status", cmd_status, "replication targets: newest replicated snapshot, RPO, pending bytes",
-             json=True)
+    st = _command(sub, "status", cmd_status, "replication targets: newest replicated snapshot, RPO, pending bytes",
+                  json=True)
+    st.add_argument("--forget", metavar="URI", help="drop a target's records")
+    st.add_argument("--max-rpo", type=int, metavar="SECONDS", help="exit 1 if a target's RPO is above this")
 
     _command(sub, "stop", cmd_stop, "stop serving a volume")
     return p

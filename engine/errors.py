@@ -80,3 +80,10 @@ def from_errno(err: int, message: str) -> BlockrepError:
     e = cls(message)
     e.errno = err
     return e
+
+
+class Protected(BlockrepError):
+    """Refused: replication still needs this snapshot (a target's common base, or not yet
+    shipped). Use --force to delete it anyway (the next run to that target then sends more)."""
+
+    errno = _errno.EBUSY

@@ -10,12 +10,26 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import AlreadyExists
+from .errors import AlreadyExists, InvalidArgument, Protected
+from .replication import retention
+from .replication import state as rstate
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
-def snapshot_create(vol: Volume, name: str | None = None) -> dict:
-    return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name))
+def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False) -> dict:
+    """tag: made by `replicate` (retention may prune it with --keep-local)."""
+    return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name),
+                               flags=retention.FLAG_REPLICATE if tag else 0)
+
+
+def _origin(s: dict) -> str:
+    if s.get("flags", 0) & 2:
+        return "dr"
+    return "replicate" if s.get("flags", 0) & retention.FLAG_REPLICATE else "user"
+
+
+def _keep_safe(vol: Volume, snaps: list[dict]) -> dict[str, str]:
+    return retention.protected(snaps, rstate.load(vol.path)["targets"])
 
 
 def snapshot_list(vol: Volume) -> list[dict]:
@@ -24,23 +38,31 @@ def snapshot_list(vol: Volume) -> list[dict]:
     snaps = vol.snapshots()
     prev = None
     for s in snaps:
+        s["origin"] = _origin(s)
         s["changed_bytes"] = sum(n for _, n in vol.diff_ids(prev, s["id"]))
         s["pinned_bytes"] = vol.snapshot_pinned(s["id"])
         prev = s["id"]
     return snaps
 
 
-def snapshot_delete(vol: Volume, name: str) -> None:
-    vol.snapshot_delete(validate_snapshot_name(name))
+def snapshot_delete(vol: Volume, name: str, force: bool = False) -> None:
+    """Refuses (Protected) a snapshot replication still needs, unless force."""
+    _check_delete(vol, name, force)
+    vol.snapshot_delete(name)
 
 
-def snapshot_prune(vol: Volume, keep: int) -> list[str]:
-    """Delete the oldest snapshots beyond the newest `keep`; returns the names deleted."""
-    names = [s["name"] for s in vol.snapshots()]
-    doomed = names[: max(0, len(names) - keep)]
+def snapshot_prune(vol: Volume, keep: int, force: bool = False, only_tagged: bool = False) -> dict:
+    """Delete the oldest snapshots beyond the newest `keep` (only those `replicate` made, with
+    only_tagged), keeping those replication needs unless force. Returns {"deleted": [...],
+    "kept": {name: why}}."""
+    if keep < 0:
+        raise InvalidArgument("keep must be 0 or more")
+    snaps = vol.snapshots()
+    doomed, kept = retention.prune_plan(snaps, keep, {} if force else _keep_safe(vol, snaps),
+                                        only_tagged=only_tagged)
     for n in doomed:
         vol.snapshot_delete(n)
-    return doomed
+    return {"deleted": doomed, "kept": kept}
 
 
 def diff(vol: Volume, from_name: str | None, to_name: str) -> list[dict]:
@@ -75,20 +97,29 @@ def flush(vol: Volume) -> None:
 READ_ONLY = frozenset({"snapshot_list", "diff", "pending", "info"})
 
 
-def _check_new_name(vol: Volume, name: str | None = None) -> None:
+def _check_new_name(vol: Volume, name: str | None = None, **_) -> None:
     if name is not None and any(s["name"] == validate_snapshot_name(name) for s in vol.snapshots()):
         raise AlreadyExists(f"a snapshot named {name} already exists in {vol.path}")
 
 
-def _check_exists(vol: Volume, name: str) -> None:
+def _check_exists(vol: Volume, name: str, **_) -> None:
     vol.snapshot(validate_snapshot_name(name))
+
+
+def _check_delete(vol: Volume, name: str, force: bool = False) -> None:
+    vol.snapshot(validate_snapshot_name(name))
+    if not force:
+        why = _keep_safe(vol, vol.snapshots()).get(name)
+        if why:
+            raise Protected(f"snapshot {name} is {why}: deleting it makes the next run there send more "
+                            "(use --force to delete it anyway)")
 
 
 # Checks that a changing command runs first on a volume opened read-only, so that bad input is
 # refused before anything is written (an unserved volume is otherwise opened read-write).
 PRECHECKS: dict[str, Callable[..., Any]] = {
     "snapshot_create": _check_new_name,
-    "snapshot_delete": _check_exists,
+    "snapshot_delete": _check_delete,
 }
 
 COMMANDS: dict[str, Callable[..., Any]] = {

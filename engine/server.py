@@ -175,7 +175,8 @@ def client_uri(hp: tuple[str, int] | None, sock: Path, psk: Path | None) -> str:
 
 
 def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
-                   tls_psk: Path | None, foreground: bool) -> list[str]:
+                   tls_psk: Path | None, foreground: bool, keep: int | None = None,
+                   allow_remote_prune: bool = False) -> list[str]:
     cmd = [NBDKIT, "-P", str(pid_file(vol))]
     if foreground:
         cmd.append("-f")
@@ -186,12 +187,18 @@ def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
     if tls_psk:
         cmd += ["--tls=require", f"--tls-psk={tls_psk}"]
     cmd += ["python", str(PLUGIN), f"volume={vol}", f"logfile={vol / 'server.log'}"]
+    if tls_psk:
+        cmd.append(f"tls_psk={tls_psk}")
+    if keep is not None:
+        cmd.append(f"keep={keep}")
+    if allow_remote_prune:
+        cmd.append("allow_remote_prune=1")
     return cmd
 
 
 def serve(vol_path: str, socket_path: str | None = None, listen: str | None = None,
           tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0,
-          private: bool = False) -> str:
+          private: bool = False, keep: int | None = None, allow_remote_prune: bool = False) -> str:
     """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line.
     private: a child of this process that dies with it (nbdkit --exit-with-parent), for commands
     that serve an unserved volume while they run (replicate, verify)."""
@@ -223,7 +230,9 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
               "anyone who can reach it can read and write the volume (use --tls-psk)",
               file=sys.stderr)
     uri = client_uri(hp, sock, psk)
-    cmd = nbdkit_command(vol, sock, hp, psk, foreground or private)
+    if keep is not None and keep < 1:
+        raise InvalidArgument("--keep must be at least 1 (the newest snapshot is the next common base)")
+    cmd = nbdkit_command(vol, sock, hp, psk, foreground or private, keep, allow_remote_prune)
     (vol / "serve.json").write_text(json.dumps({"uri": uri, "socket": None if hp else str(sock)}) + "\n")
     if foreground:
         os.execvpe(cmd[0], cmd, plugin_env())

@@ -3,16 +3,20 @@
     nbdkit -U SOCK python nbd_plugin/plugin.py volume=/abs/path/VOL
 
 A translator and nothing else: nbdkit callbacks become Volume calls (one C call per request),
-engine errors become errnos. Exports: "" is the live volume (read-write), "@NAME" snapshot NAME
-(read-only). The control socket (engine/control.py) runs in a thread of this process.
+engine errors become errnos. Exports: "" is the live volume (read-write; read-only on a bound DR),
+"@NAME" snapshot NAME (read-only), "!…" the DR protocol (engine/replication/drserver.py, which
+owns every export handle: typed objects with a `kind`). The control socket (engine/control.py)
+runs in a thread of this process.
 Thread model SERIALIZE_ALL_REQUESTS: measured fastest for a Python plugin on 2 vCPUs
 (NBDKIT.md, bench/README.md); background work (checkpoints, collector) runs in a thread
 started in after_fork whose time is spent in GIL-free C calls.
 """
 
+import ctypes
 import errno
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -23,9 +27,9 @@ if _ROOT not in sys.path:
 
 import nbdkit  # noqa: E402
 
-from engine import dr  # noqa: E402
 from engine.control import ControlServer, socket_path  # noqa: E402
 from engine.errors import BlockrepError  # noqa: E402
+from engine.replication.drserver import DRServer  # noqa: E402
 from engine.volume import Volume  # noqa: E402
 
 API_VERSION = 2
@@ -41,6 +45,10 @@ _thread_model = "serialize_all_requests"
 _stop = threading.Event()
 _worker = None
 _control = None
+_dr = None
+_keep = None
+_allow_remote_prune = False
+_psk_users: list[str] = []
 log = logging.getLogger("blockrep.server")
 
 # Hot-path globals, bound in get_ready so each callback is one attribute-free C call.
@@ -49,9 +57,21 @@ _FUA = nbdkit.FLAG_FUA
 
 
 def config(key, value):
-    global _path, _thread_model
+    global _path, _thread_model, _keep, _allow_remote_prune, _psk_users
     if key == "volume":
         _path = os.path.abspath(value)
+    elif key == "keep":  # the DR's own retention (blockrep serve --keep N)
+        if not value.isdigit() or int(value) < 1:
+            raise RuntimeError("keep must be a number of snapshots >= 1")
+        _keep = int(value)
+    elif key == "allow_remote_prune":
+        _allow_remote_prune = value == "1"
+    elif key == "tls_psk":  # only to name the PSK user in the DR's log
+        try:
+            with builtins_open(value) as f:
+                _psk_users = [ln.split(":", 1)[0] for ln in f if ":" in ln]
+        except OSError:
+            _psk_users = []
     elif key == "thread_model":  # for measurements (bench/); the default was measured fastest
         if value not in _THREAD_MODELS:
             raise RuntimeError(f"thread_model must be one of {', '.join(_THREAD_MODELS)}")
@@ -62,7 +82,8 @@ def config(key, value):
         logging.getLogger("blockrep").addHandler(h)
         logging.getLogger("blockrep").setLevel(logging.INFO)
     else:
-        raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…])")
+        raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…] "
+                           "[keep=N] [allow_remote_prune=1] [tls_psk=FILE])")
 
 
 def config_complete():
@@ -75,9 +96,10 @@ def thread_model():
 
 
 def get_ready():
-    global _vol, _v, _lib, _ffi, _from_buffer
+    global _vol, _v, _lib, _ffi, _from_buffer, _dr
     try:
         _vol = Volume.open(_path)
+        _dr = DRServer(_vol, keep=_keep, allow_remote_prune=_allow_remote_prune, peer=_peer)
     except BlockrepError as e:
         raise RuntimeError(str(e)) from None
     _v, _lib, _ffi = _vol._v, _vol._n.lib, _vol._n.ffi
@@ -118,7 +140,7 @@ def cleanup():
 
 
 def list_exports(readonly, is_tls):
-    exports = [("", export_description(0))]
+    exports = [("", _describe(None))]
     for s in _vol.snapshots():
         exports.append(("@" + s["name"], _describe(s["name"])))
     return exports
@@ -134,47 +156,73 @@ def _describe(snapshot):
     return f"blockrep volume uuid={_vol.params.uuid} snapshot={snapshot}"
 
 
-# Handles: 0 = the head; N > 0 = snapshot id N (read-only); below 0 the read-only exports of DR
-# commands (engine/dr.py: empty, checksums, change lists).
-EMPTY = dr.EMPTY
+# nbdkit's own view of the current connection (nbdkit_peer_name, nbdkit_is_tls; nbdkit exports its
+# API to plugins, the Python module does not wrap these in 1.32), for the DR's audit log.
+builtins_open = open
+_nbdkit_api = ctypes.CDLL(None)
+
+
+def _peer():
+    try:
+        buf = ctypes.create_string_buffer(128)
+        n = ctypes.c_uint(128)
+        if _nbdkit_api.nbdkit_peer_name(buf, ctypes.byref(n)) == -1:
+            return "unknown"
+        raw = buf.raw
+        family = int.from_bytes(raw[0:2], sys.byteorder)
+        if family == socket.AF_INET:
+            who = f"{socket.inet_ntop(socket.AF_INET, raw[4:8])}:{int.from_bytes(raw[2:4], 'big')}"
+        elif family == socket.AF_INET6:
+            who = f"[{socket.inet_ntop(socket.AF_INET6, raw[8:24])}]:{int.from_bytes(raw[2:4], 'big')}"
+        elif family == socket.AF_UNIX:
+            who = f"unix uid={_nbdkit_api.nbdkit_peer_uid()} pid={_nbdkit_api.nbdkit_peer_pid()}"
+        else:
+            who = f"family {family}"
+        if _nbdkit_api.nbdkit_is_tls() == 1:
+            user = _psk_users[0] if len(_psk_users) == 1 else f"one of {len(_psk_users)} PSK users"
+            who += f" tls user={user}"
+        return who
+    except Exception:  # a log line must never fail a request
+        return "unknown"
 
 
 def open(readonly):
     name = nbdkit.export_name()
-    if name == "":
-        return 0
     try:
+        if name == "":
+            return _dr.open_head(readonly)
         if name.startswith("@"):
-            return _vol.snapshot(name[1:])["id"]
-        if name.startswith("!"):  # DR commands from a replicating primary (engine/dr.py)
-            return dr.open_command(_vol, name, readonly)
+            return _dr.open_snapshot(name[1:])
+        if name.startswith("!"):  # the DR protocol (docs/REPLICATION.md)
+            return _dr.open_command(name, readonly)
     except BlockrepError as e:
         nbdkit.set_error(e.errno)
         raise RuntimeError(str(e)) from None
+    except OSError as e:
+        log.error("opening export %r: %s", name[:80], e)
+        nbdkit.set_error(e.errno or errno.EIO)
+        raise RuntimeError(str(e)) from None
     nbdkit.set_error(errno.ENOENT)
-    raise RuntimeError(f"no export named {name!r} (the live volume is \"\", snapshots are @NAME)")
+    raise RuntimeError(f"no export named {name[:80]!r} (the live volume is \"\", snapshots are @NAME)")
 
 
 def export_description(h):
-    if not h:
+    if h.kind == 0:
         return _describe(None)
-    if h < 0:
+    if h.kind == 2:
         return "blockrep DR command"
     for s in _vol.snapshots():
-        if s["id"] == h:
+        if s["id"] == h.map_id:
             return _describe(s["name"])
     return _describe("(deleted)")
 
 
 def get_size(h):
-    if h < 0:
-        return dr.handle_size(_vol, h)
-    return _vol.size
+    return h.size
 
 
 def close(h):
-    if h < 0:
-        dr.handle_close(h)
+    h.close()
 
 
 def block_size(h):
@@ -182,7 +230,7 @@ def block_size(h):
 
 
 def can_write(h):
-    return not h  # snapshot exports are read-only: nbdkit refuses writes with EPERM
+    return h.writable  # snapshots, command replies and a bound DR's head: nbdkit refuses writes (EPERM)
 
 
 def can_flush(h):
@@ -194,15 +242,15 @@ def can_fua(h):
 
 
 def can_trim(h):
-    return not h
+    return h.writable and h.kind == 0
 
 
 def can_zero(h):
-    return not h
+    return h.writable and h.kind == 0
 
 
 def can_fast_zero(h):
-    return not h
+    return h.writable and h.kind == 0
 
 
 def can_extents(h):
@@ -223,23 +271,37 @@ def _fail(what):
     raise OSError(err, msg)
 
 
+def _refused(e):
+    nbdkit.set_error(e.errno)
+    raise RuntimeError(str(e)) from None
+
+
 def pread(h, buf, offset, flags):
-    if not h:
+    k = h.kind
+    if k == 0:
         if _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
             _fail("read")
-    elif h > 0:
-        if _lib.vol_snap_read(_v, h, _from_buffer(buf, require_writable=True), len(buf), offset):
+    elif k == 1:
+        if _lib.vol_snap_read(_v, h.map_id, _from_buffer(buf, require_writable=True), len(buf), offset):
             _fail("read")
     else:
         try:
-            dr.handle_pread(_vol, h, buf, offset)
+            h.pread(buf, offset)
         except BlockrepError as e:
-            nbdkit.set_error(e.errno)
-            raise
+            _refused(e)
 
 
 def pwrite(h, buf, offset, flags):
-    if _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
+    t = h.transfer
+    if t is not None and not t.writable:
+        nbdkit.set_error(errno.EPERM)
+        raise RuntimeError("the transfer that opened this export is over")
+    if h.kind == 2:
+        try:
+            h.pwrite(buf, offset)
+        except BlockrepError as e:
+            _refused(e)
+    elif _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
         _fail("write")
 
 
@@ -249,20 +311,28 @@ def flush(h, flags):
 
 
 def trim(h, count, offset, flags):
+    t = h.transfer
+    if t is not None and not t.writable:
+        nbdkit.set_error(errno.EPERM)
+        raise RuntimeError("the transfer that opened this export is over")
     if _lib.vol_zero(_v, count, offset, flags & _FUA, 1):
         _fail("trim")
 
 
 def zero(h, count, offset, flags):
+    t = h.transfer
+    if t is not None and not t.writable:
+        nbdkit.set_error(errno.EPERM)
+        raise RuntimeError("the transfer that opened this export is over")
     if _lib.vol_zero(_v, count, offset, flags & _FUA, 0):
         _fail("zero")
 
 
 def extents(h, count, offset, flags):
-    if h < 0:
+    if h.kind == 2:
         return [(offset, count, 0)]
     try:
-        ext = _vol.extents(count, offset, 1 if flags & nbdkit.FLAG_REQ_ONE else 1024, snapshot=h)
+        ext = _vol.extents(count, offset, 1 if flags & nbdkit.FLAG_REQ_ONE else 1024, snapshot=h.map_id)
     except BlockrepError as e:
         nbdkit.set_error(e.errno)
         raise

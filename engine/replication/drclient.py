@@ -1,0 +1,88 @@
+"""The primary's side of the DR protocol (docs/REPLICATION.md §2-3): one function per command.
+
+Every call opens its own connection to the DR server (the export name is the command). A
+refusal is final (TransferError transient=False) and carries the DR's reason.
+"""
+
+from __future__ import annotations
+
+import json
+
+import nbd
+
+from . import protocol as P
+from .nbdio import TransferError, close, connect, connection, export_description, read_all
+
+
+def is_blockrep(uri: str) -> tuple[dict, bool]:
+    """(size, read_only, description) of the URI's export, and whether a blockrep server serves it."""
+    with connection(uri) as h:
+        info = {"size": h.get_size(), "read_only": h.is_read_only(), "description": export_description(h),
+                "export": h.get_export_name(), "multi_conn": h.can_multi_conn()}
+    return info, info["description"].startswith("blockrep volume")
+
+
+def _json(uri: str, export: str) -> dict:
+    with connection(uri, export, meta=False) as h:
+        data = read_all(h)
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise TransferError(f"the DR sent an unreadable reply to {export.split('?')[0]}", transient=False) from None
+
+
+def hello(uri: str) -> dict:
+    try:
+        return _json(uri, "!hello")
+    except TransferError as e:
+        raise TransferError(f"{uri} is a blockrep server without the DR protocol this blockrep speaks "
+                            f"(upgrade it): {e}", transient=e.transient) from None
+
+
+class Session:
+    """An open transfer: the begin connection is held for the whole run (the DR refuses a second
+    transfer while it is open); close() releases it (commit or not)."""
+
+    def __init__(self, uri: str, *, primary: str, snap: str, name: str, base: str | None, token: str,
+                 force: bool):
+        self.uri, self.token = uri, token
+        self.h = connect(uri, P.build("begin", primary=primary, snap=snap, name=name, base=base,
+                                      token=token, force=force), meta=False)
+        try:
+            self.reply = json.loads(read_all(self.h))
+        except (ValueError, TransferError):
+            self.reply = {}
+
+    @property
+    def data_export(self) -> str:
+        return P.build("data", token=self.token)
+
+    def write_manifest(self, entries: bytes) -> None:
+        with connection(self.uri, P.build("manifest", token=self.token), meta=False) as h:
+            try:
+                for o in range(0, len(entries), 16 << 20):
+                    h.pwrite(entries[o:o + (16 << 20)], o)
+                h.flush()
+            except nbd.Error as e:
+                raise TransferError(f"writing the manifest: {e.string}") from None
+
+    def commit(self, entries: int, shift: int, keep: int | None) -> dict:
+        return _json(self.uri, P.build("commit", token=self.token, entries=entries, shift=shift, keep=keep))
+
+    def abort(self) -> None:
+        try:
+            with connection(self.uri, P.build("abort", token=self.token), meta=False):
+                pass
+        except TransferError:
+            pass
+
+    def close(self) -> None:
+        close(self.h)
+
+
+def changes(uri: str, base_name: str) -> list[tuple[int, int]]:
+    """Extents the DR head changed since its snapshot base_name."""
+    with connection(uri, f"!changes@{base_name}", meta=False) as h:
+        data = read_all(h)
+    return [(int.from_bytes(data[i:i + 8], "little"), int.from_bytes(data[i + 8:i + 16], "little"))
+            for i in range(0, len(data), 16)]

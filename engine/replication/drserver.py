@@ -1,0 +1,467 @@
+"""The DR side of replication, run by the plugin inside the DR's nbdkit (docs/REPLICATION.md §2-4).
+
+Notes on the design:
+- NBD alone, no extra listener: every DR command is an export name (protocol.py parses it
+  strictly) opened after the handshake, so behind TLS-PSK when the server requires it.
+- Append-only: there is no command that deletes or rewrites a committed snapshot. A primary adds
+  snapshots through a transfer: `!begin` (identity checks, one live transfer per head), `!data`
+  writes, `!manifest`, then `!commit`, where this side verifies every chunk the delta touched
+  against the manifest with digests it computes itself before it creates the snapshot.
+- Retention is the DR's own (`serve --keep N`); a primary's request (`keep=` at commit) counts only
+  with `--allow-remote-prune`, never below `--keep`.
+- Every change and every refusal is logged on `blockrep.dr` (server.log) with the peer.
+- Locking: callbacks of different connections run at once (SERIALIZE_REQUESTS); `DRServer.lock`
+  guards the transfer and dr.json. Data writes check one attribute (`transfer.writable`).
+
+Handles (what the plugin's open returns) are typed objects: `kind` 0 = the head (reads with
+vol_read), 1 = a snapshot (vol_snap_read of `map_id`), 2 = a command export (its own pread/pwrite).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno as _errno
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import AlreadyExists, BlockrepError, CorruptionError, InvalidArgument, NotFound, VolumeBusy
+from ..volume import Volume, validate_snapshot_name
+from . import protocol as P
+
+log = logging.getLogger("blockrep.dr")
+STATE = "dr.json"
+MANIFEST = "dr-manifest"
+FLAG_REPLICATED = 2  # snapshot flag: committed by a DR transfer (bit 0 is "made by replicate")
+
+
+class Refused(BlockrepError):
+    """A DR command refused for a reason the client must not retry blindly."""
+
+    def __init__(self, msg: str, err: int):
+        super().__init__(msg)
+        self.errno = err
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------- handles
+
+class Handle:
+    kind = 0
+    map_id = 0
+    writable = False
+    transfer = None  # a Transfer for !data handles: writes need transfer.writable
+    size = 0
+
+    def close(self) -> None:
+        pass
+
+
+class Head(Handle):
+    def __init__(self, vol: Volume, writable: bool, owner: DRServer):
+        self.size, self.writable, self.owner = vol.size, writable, owner
+
+    def close(self) -> None:
+        if self.writable:
+            with self.owner.lock:
+                self.owner.rw_heads -= 1
+
+
+class Snap(Handle):
+    kind = 1
+
+    def __init__(self, vol: Volume, map_id: int):
+        self.size, self.map_id = vol.size, map_id
+
+
+class Blob(Handle):
+    kind = 2
+
+    def __init__(self, data: bytes):
+        self.data, self.size = data, len(data)
+
+    def pread(self, buf, offset: int) -> None:
+        buf[:] = self.data[offset:offset + len(buf)]
+
+
+class Sums(Handle):
+    kind = 2
+
+    def __init__(self, vol: Volume, map_id: int, shift: int):
+        self.vol, self.map_id, self.shift = vol, map_id, shift
+        self.size = P.nchunks(vol.size, shift) * P.SUM_BYTES
+
+    def pread(self, buf, offset: int) -> None:
+        first = offset // P.SUM_BYTES
+        last = (offset + len(buf) - 1) // P.SUM_BYTES
+        out = digests(self.vol, self.map_id, self.shift, first, last + 1)
+        skip = offset - first * P.SUM_BYTES
+        buf[:] = out[skip:skip + len(buf)]
+
+
+class Data(Handle):
+    """The head, written by the transfer that holds the token (REPLICATION.md §2)."""
+
+    writable = True
+
+    def __init__(self, vol: Volume, transfer: Transfer):
+        self.size, self.transfer = vol.size, transfer
+
+
+class Manifest(Handle):
+    kind = 2
+    writable = True
+    size = P.MANIFEST_MAX
+
+    def __init__(self, path: Path, transfer: Transfer):
+        self.transfer = transfer
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+
+    def pread(self, buf, offset: int) -> None:
+        data = os.pread(self.fd, len(buf), offset)
+        buf[:] = data + bytes(len(buf) - len(data))
+
+    def pwrite(self, buf, offset: int) -> None:
+        if not self.transfer.writable:
+            raise Refused("the transfer is being committed or was replaced", _errno.EPERM)
+        os.pwrite(self.fd, buf, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Session(Blob):
+    """The begin connection: its transfer is live while it is open."""
+
+    def __init__(self, data: bytes, transfer: Transfer, owner: DRServer):
+        super().__init__(data)
+        self.transfer_ref, self.owner = transfer, owner
+
+    def close(self) -> None:
+        with self.owner.lock:
+            self.transfer_ref.live -= 1
+
+
+# ---------------------------------------------------------------- digests
+
+def data_chunks(vol: Volume, map_id: int, shift: int, first: int, end: int) -> np.ndarray:
+    """Boolean per chunk in [first, end): True where the map holds data (not a hole)."""
+    out = np.zeros(end - first, dtype=bool)
+    lo, hi = first << shift, min(end << shift, vol.size)
+    pos = lo
+    while pos < hi:
+        ext = vol.extents(hi - pos, pos, 1024, snapshot=map_id)
+        for o, n, t in ext:
+            if t == 0:
+                a, b = max(o, lo), min(o + n, hi)
+                if a < b:
+                    out[(a >> shift) - first:((b - 1) >> shift) - first + 1] = True
+        last = ext[-1]
+        pos = last[0] + last[1]
+    return out
+
+
+def chunk_len(size: int, shift: int, idx: int) -> int:
+    return min(1 << shift, size - (idx << shift))
+
+
+def digests(vol: Volume, map_id: int, shift: int, first: int, end: int) -> bytes:
+    """Digests of chunks [first, end) of a map; holes are not read (their digest is known)."""
+    has = data_chunks(vol, map_id, shift, first, end)
+    out = bytearray()
+    for k in range(end - first):
+        n = chunk_len(vol.size, shift, first + k)
+        if has[k]:
+            out += P.chunk_sum(vol.snapshot_read(map_id, n, (first + k) << shift) if map_id
+                               else vol.read(n, (first + k) << shift))
+        else:
+            out += P.zero_sum(n)
+    return bytes(out)
+
+
+def _chunks_of_extents(extents: list[tuple[int, int]], shift: int) -> np.ndarray:
+    parts = [np.arange(o >> shift, ((o + n - 1) >> shift) + 1, dtype=np.uint64) for o, n in extents if n]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
+# ---------------------------------------------------------------- the DR server
+
+class Transfer:
+    def __init__(self, rec: dict):
+        self.rec = rec  # persisted part (dr.json "transfer")
+        self.live = 0  # open begin connections
+        self.writable = True
+
+    def matches(self, token: str) -> bool:
+        return self.rec["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
+
+
+class DRServer:
+    """The DR commands of one served volume. `peer()` describes the current client for logs."""
+
+    def __init__(self, vol: Volume, *, keep: int | None = None, allow_remote_prune: bool = False,
+                 peer=lambda: "unknown"):
+        self.vol, self.keep, self.allow_remote_prune, self.peer = vol, keep, allow_remote_prune, peer
+        self.lock = threading.RLock()
+        self.rw_heads = 0
+        self.path = vol.path / STATE
+        self.state = self._load()
+        rec = self.state.get("transfer")
+        self.transfer: Transfer | None = Transfer(rec) if rec else None
+
+    # ---- dr.json
+    def _load(self) -> dict:
+        try:
+            st = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"bound_to": None, "snapshots": {}, "transfer": None}
+        except ValueError as e:
+            raise CorruptionError(f"{self.path} is damaged: {e}") from None
+        st.setdefault("snapshots", {})
+        st.setdefault("transfer", None)
+        return st
+
+    def _save(self) -> None:
+        self.state["transfer"] = self.transfer.rec if self.transfer else None
+        tmp = self.path.with_name(STATE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.state, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    @property
+    def bound(self) -> bool:
+        return bool(self.state.get("bound_to"))
+
+    def audit(self, what: str) -> None:
+        log.info("DR %s [peer %s]", what, self.peer())
+
+    def refuse(self, what: str, msg: str, err: int):
+        log.warning("DR refused %s: %s [peer %s]", what, msg, self.peer())
+        raise Refused(msg, err)
+
+    # ---- open
+    def open_head(self, readonly: bool) -> Handle:
+        with self.lock:
+            writable = not readonly and not self.bound
+            if writable:
+                self.rw_heads += 1
+            return Head(self.vol, writable, self)
+
+    def open_snapshot(self, name: str) -> Handle:
+        return Snap(self.vol, self.vol.snapshot(validate_snapshot_name(name))["id"])
+
+    def open_command(self, name: str, readonly: bool) -> Handle:
+        try:
+            cmd = P.parse(name)
+        except InvalidArgument as e:
+            self.refuse(f"export {name[:80]!r}", str(e), _errno.EINVAL)
+        if cmd.verb == "hello":
+            return Blob(json.dumps(self.hello()).encode())
+        if cmd.verb == "sums":
+            map_id = self.vol.snapshot(cmd.snapshot)["id"] if cmd.snapshot else 0
+            return Sums(self.vol, map_id, cmd.shift)
+        if cmd.verb == "changes":
+            ext = self.vol.diff_ids(self.vol.snapshot(cmd.snapshot)["id"], 0)
+            return Blob(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in ext))
+        if readonly and cmd.verb in ("data", "manifest"):
+            self.refuse(cmd.verb, "this export changes the volume: open it read-write", _errno.EROFS)
+        return getattr(self, "cmd_" + cmd.verb)(**cmd.args)
+
+    # ---- commands
+    def hello(self) -> dict:
+        origins = self.state["snapshots"]
+        snaps = [{"name": s["name"], "uuid": s["uuid"], "created": s["created"],
+                  "source": (origins.get(s["uuid"]) or {}).get("source")} for s in self.vol.snapshots()]
+        t = self.transfer
+        return {
+            "protocol": P.PROTOCOL, "volume": self.vol.params.uuid, "size": self.vol.size,
+            "bound_to": self.state.get("bound_to"), "has_data": self.vol.stats()["live_blocks"] > 0,
+            "snapshots": snaps,
+            "transfer": None if t is None else {"snapshot": t.rec["snap"], "name": t.rec["name"],
+                                                "live": t.live > 0, "started": t.rec["started"]},
+            "retention": {"keep": self.keep, "allow_remote_prune": self.allow_remote_prune},
+        }
+
+    def _active(self, token: str, what: str) -> Transfer:
+        t = self.transfer
+        if t is None or not t.matches(token):
+            self.refuse(what, "no open transfer holds this token (another run replaced it, or it was committed)",
+                        _errno.EPERM)
+        return t
+
+    def cmd_begin(self, primary, snap, name, base, token, force) -> Handle:
+        what = f"begin of {name} ({snap}) from primary {primary}"
+        with self.lock:
+            vol = self.vol
+            if primary == vol.params.uuid:
+                self.refuse(what, "this is the source volume itself: a volume cannot replicate into itself",
+                            _errno.EPERM)
+            snaps = vol.snapshots()
+            if any(s["uuid"] == snap for s in snaps):
+                self.refuse(what, f"snapshot {name} ({snap}) is already replicated here", _errno.EEXIST)
+            clash = [s for s in snaps if s["name"] == name]
+            if clash:
+                self.refuse(what, f"this DR already holds a different snapshot named {name} "
+                            f"(uuid {clash[0]['uuid']}); committed DR snapshots are never replaced",
+                            _errno.EEXIST)
+            bound = self.state.get("bound_to")
+            if bound and bound != primary and not force:
+                self.refuse(what, f"this DR volume is bound to primary {bound}", _errno.EPERM)
+            if not bound:
+                own = vol.stats()["live_blocks"] > 0 or snaps
+                if own and not force:
+                    self.refuse(what, f"this volume holds data or snapshots of its own ({len(snaps)} snapshot(s))",
+                                _errno.EPERM)
+                if self.rw_heads:
+                    self.refuse(what, f"{self.rw_heads} client(s) hold the head open read-write", _errno.EBUSY)
+            if base is not None and not any(s["uuid"] == base for s in snaps):
+                self.refuse(what, f"the base {base} is not a snapshot of this DR", _errno.ENOENT)
+            t = self.transfer
+            resumed = False
+            if t is not None and t.matches(token):
+                if (t.rec["snap"], t.rec["base"]) != (snap, base):
+                    self.refuse(what, "this token belongs to a transfer of another snapshot", _errno.EINVAL)
+                resumed = True
+            elif t is not None and t.live > 0:
+                self.refuse(what, f"another transfer is in progress (snapshot {t.rec['name']}, since "
+                            f"{t.rec['started']}, from {t.rec['peer']})", _errno.EBUSY)
+            elif t is not None:
+                t.writable = False  # its connections may not write any more
+                self.audit(f"replaces the interrupted transfer of {t.rec['name']} by {what}")
+            if bound != primary:
+                if bound:
+                    self.audit(f"FORCED rebind from primary {bound} to {primary}")
+                elif force:
+                    self.audit(f"FORCED bind of a volume with data of its own to primary {primary}")
+                self.state["bound_to"] = primary
+                self.state["bound_at"] = _now()
+            if not resumed:
+                self.transfer = Transfer({"token_sha256": hashlib.sha256(token.encode()).hexdigest(),
+                                          "snap": snap, "name": name, "base": base, "primary": primary,
+                                          "started": _now(), "peer": self.peer()})
+                (vol.path / MANIFEST).unlink(missing_ok=True)
+            self.transfer.live += 1
+            self.transfer.writable = True
+            self._save()
+            self.audit(("resumed " if resumed else "") + what)
+            reply = {"resumed": resumed, "volume": vol.params.uuid}
+            return Session(json.dumps(reply).encode(), self.transfer, self)
+
+    def cmd_data(self, token) -> Handle:
+        with self.lock:
+            return Data(self.vol, self._active(token, "data"))
+
+    def cmd_manifest(self, token) -> Handle:
+        with self.lock:
+            return Manifest(self.vol.path / MANIFEST, self._active(token, "manifest"))
+
+    def cmd_abort(self, token) -> Handle:
+        with self.lock:
+            t = self._active(token, "abort")
+            t.writable = False
+            self.transfer = None
+            self._save()
+            self.audit(f"aborted the transfer of {t.rec['name']}")
+            return Blob(b"{}")
+
+    def cmd_commit(self, token, entries, shift, keep) -> Handle:
+        with self.lock:
+            t = self._active(token, "commit")
+            what = f"commit of {t.rec['name']} ({t.rec['snap']})"
+            t.writable = False
+            try:
+                self.vol.flush()
+                bad = self._verify(t, entries, shift)
+            except BlockrepError:
+                t.writable = True
+                raise
+            if bad:
+                t.writable = True
+                self.refuse(what, f"verification failed: {len(bad)} chunk(s) of the head differ from the "
+                            f"manifest or are missing from it, first at offset {bad[0] << shift}; "
+                            "nothing committed", _errno.EIO)
+            s = self.vol.snapshot_create(t.rec["name"], uuid=t.rec["snap"], flags=FLAG_REPLICATED)
+            self.state["snapshots"][s["uuid"]] = {"name": s["name"], "source": t.rec["primary"],
+                                                  "base": t.rec["base"], "committed_at": _now(),
+                                                  "peer": self.peer()}
+            self.transfer = None
+            self._save()
+            (self.vol.path / MANIFEST).unlink(missing_ok=True)
+            self.audit(f"{what} verified ({entries} manifest entries) and committed")
+            pruned, note = self._retention(keep)
+            return Blob(json.dumps({"snapshot": s["name"], "uuid": s["uuid"], "pruned": pruned,
+                                    "keep_request": note}).encode())
+
+    def _verify(self, t: Transfer, entries: int, shift: int) -> list[int]:
+        """Chunk indices whose head digest differs from the manifest (REPLICATION.md §3)."""
+        vol = self.vol
+        nch = P.nchunks(vol.size, shift)
+        raw = b""
+        if entries:
+            fd = os.open(vol.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                raw = os.pread(fd, entries * P.ENTRY, 0)
+            finally:
+                os.close(fd)
+            if len(raw) != entries * P.ENTRY:
+                raise InvalidArgument("the manifest is shorter than its entry count")
+        man = np.frombuffer(raw, dtype=np.dtype([("idx", "<u8"), ("d", "V16")]))
+        idx = man["idx"]
+        if len(idx) and (np.any(idx[1:] <= idx[:-1]) or int(idx[-1]) >= nch):
+            raise InvalidArgument("the manifest is not sorted, has duplicates or reaches beyond the volume")
+        if t.rec["base"] is not None:
+            base_id = vol.snapshot_by_uuid(t.rec["base"])["id"]
+            changed = _chunks_of_extents(vol.diff_ids(base_id, 0, granularity=4096), shift)
+            missing = np.setdiff1d(changed, idx)
+            if len(missing):  # the head changed where the delta says nothing
+                return [int(x) for x in missing]
+        else:
+            has = data_chunks(vol, 0, shift, 0, nch)
+            changed = np.flatnonzero(has).astype(np.uint64)
+        check = np.union1d(changed, idx).astype(np.uint64)
+        pos = np.searchsorted(idx, check)
+        bad: list[int] = []
+        for k, c in enumerate(check.tolist()):
+            n = chunk_len(vol.size, shift, c)
+            listed = pos[k] < len(idx) and int(idx[pos[k]]) == c
+            want = bytes(man["d"][pos[k]]) if listed else P.zero_sum(n)
+            if P.chunk_sum(vol.read(n, c << shift)) != want:
+                bad.append(c)
+        return bad
+
+    def _retention(self, keep_request: int | None) -> tuple[list[str], str]:
+        note = "none"
+        keep = self.keep
+        if keep_request is not None:
+            if self.allow_remote_prune:
+                keep = max(keep_request, self.keep or 1)
+                note = "honoured" if keep == keep_request else f"raised to the DR's own --keep {keep}"
+            else:
+                note = "ignored (the DR runs without --allow-remote-prune)"
+                self.audit(f"ignored a request to keep {keep_request} snapshot(s)")
+        if not keep:
+            return [], note
+        names = [s["name"] for s in self.vol.snapshots()]
+        doomed = names[: max(0, len(names) - max(keep, 1))]
+        for n in doomed:
+            self.vol.snapshot_delete(n)
+            self.audit(f"retention (keep {keep}) deleted snapshot {n}")
+        return doomed, note
+
+
+def errno_of(e: BaseException) -> int:
+    return getattr(e, "errno", None) or _errno.EIO
+
+
+__all__ = ["DRServer", "Handle", "Refused", "AlreadyExists", "NotFound", "VolumeBusy"]
