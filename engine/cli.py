@@ -212,7 +212,8 @@ def cmd_verify(a) -> int:
         for e in res["differing"]:
             print(f"{e['offset']} {e['length']}")
     if res.get("error"):
-        print(f"blockrep: error: {res['error']}", file=sys.stderr)
+        extra = f"; {len(res['differing'])} extent(s) differ" if res["differing"] else ""
+        print(f"blockrep: error: {res['error']}{extra}", file=sys.stderr)
         return 1
     if not res["identical"]:
         print(f"blockrep: error: {a.snapshot} differs from {a.against} in {len(res['differing'])} extent(s)",

@@ -260,3 +260,7 @@ def make_server(tmp_path):
 def server(make_server) -> Server:
     """A served 64 MiB volume (defaults of `blockrep create`)."""
     return make_server()
+
+
+# the replication tests' server fixtures (tests/replhelp.py); imported last: replhelp uses the above
+from replhelp import procs, targets  # noqa: E402, F401

@@ -176,15 +176,15 @@ def chunk_len(size: int, shift: int, idx: int) -> int:
 def digests(vol: Volume, map_id: int, shift: int, first: int, end: int) -> bytes:
     """Digests of chunks [first, end) of a map; holes are not read (their digest is known)."""
     has = data_chunks(vol, map_id, shift, first, end)
-    out = bytearray()
-    for k in range(end - first):
+    out = np.full(end - first, np.frombuffer(P.zero_sum(1 << shift), dtype="V16")[0], dtype="V16")
+    last = P.nchunks(vol.size, shift) - 1
+    if first <= last < end:
+        out[last - first] = np.frombuffer(P.zero_sum(chunk_len(vol.size, shift, last)), dtype="V16")[0]
+    for k in np.flatnonzero(has).tolist():
         n = chunk_len(vol.size, shift, first + k)
-        if has[k]:
-            out += P.chunk_sum(vol.snapshot_read(map_id, n, (first + k) << shift) if map_id
-                               else vol.read(n, (first + k) << shift))
-        else:
-            out += P.zero_sum(n)
-    return bytes(out)
+        data = vol.snapshot_read(map_id, n, (first + k) << shift) if map_id else vol.read(n, (first + k) << shift)
+        out[k] = np.frombuffer(P.chunk_sum(data), dtype="V16")[0]
+    return out.tobytes()
 
 
 def _chunks_of_extents(extents: list[tuple[int, int]], shift: int) -> np.ndarray:

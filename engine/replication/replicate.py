@@ -130,6 +130,9 @@ class Run:
             info, is_br = drclient.is_blockrep(self.to)
         except TransferError as e:
             raise TransferError(f"target unreachable: {e}", transient=False) from None
+        if is_br and info["export"] != "":
+            raise InvalidArgument(f"target {self.to} is the read-only export {info['export']!r} of a blockrep "
+                                  "server: replicate to the server itself (its live export, no export name)")
         if info["read_only"] and not is_br:  # a bound blockrep DR's head is written through transfers only
             raise InvalidArgument(f"target {self.to} is read-only")
         if info["size"] < self.params.size:
@@ -137,9 +140,6 @@ class Run:
                                   f"({self.params.size})")
         dr = None
         if is_br:
-            if info["export"] != "":
-                raise InvalidArgument(f"{self.to} names the export {info['export']!r} of a blockrep server: "
-                                      "replicate to the server's live export (no export name)")
             dr = drclient.hello(self.to)
             plan.check_target(self.params.uuid, dr, force=self.force)
         return info, dr
@@ -289,6 +289,7 @@ class Run:
                                         f"attempt(s): {e}", transient=e.transient) from None
                 wait = min(30, 2 ** (attempt - 1))
                 show.note(f"retrying in {wait} s (attempt {attempt + 1} of {self.retries + 1}): {e}")
+                state.set_target(self.vol, self.to, last_error=f"retrying (attempt {attempt + 1}): {e}")
                 time.sleep(wait)
                 resume = int(state.target(self.vol, self.to).get("in_progress", {}).get("done_upto", resume))
 
@@ -349,13 +350,16 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
     started = state.now()
     try:
         res = run.run(snapshot, keep_local=keep_local, keep_remote=keep_remote, freeze=freeze, pre=pre, post=post)
+        rate = round(res["bytes_sent"] / res["seconds"]) if res["seconds"] else 0
         state.record_run(vol, to, {"at": started, "result": "ok", "snapshot": res["snapshot"], "mode": res["mode"],
-                                   "bytes_sent": res["bytes_sent"], "seconds": res["seconds"]})
+                                   "bytes_sent": res["bytes_sent"], "seconds": res["seconds"], "rate": rate},
+                         last_error=None)
         return res
     except BlockrepError as e:
         e.details = dict(run.info)  # type: ignore[attr-defined]
         with contextlib.suppress(BlockrepError, OSError):
-            state.record_run(vol, to, {"at": started, "result": "failed", "error": str(e), **run.info})
+            state.record_run(vol, to, {"at": started, "result": "failed", "error": str(e), **run.info},
+                             last_error=str(e))
         raise
     finally:
         lock.release()

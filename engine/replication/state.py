@@ -109,7 +109,11 @@ def record_run(vol: Path, uri: str, run: dict, **fields) -> None:
     """Append a run (success or failure) to the target's history and set last_success/failure."""
     def fn(st):
         t = st["targets"].setdefault(uri, {})
-        t.update(fields)
+        for k, v in fields.items():
+            if v is None:
+                t.pop(k, None)
+            else:
+                t[k] = v
         t.setdefault("runs", []).append(run)
         del t["runs"][:-KEEP_RUNS]
         t["last_success" if run.get("result") == "ok" else "last_failure"] = run

@@ -24,8 +24,8 @@ def status(volume: str) -> list[dict]:
         row = {"target": uri, "kind": t.get("kind"), "snapshot": t.get("snapshot"),
                "snapshot_uuid": t.get("snapshot_uuid"), "replicated_at": t.get("replicated_at"),
                "rpo_seconds": None, "pending_bytes": None, "state": "failing" if failing else "ok",
-               "last_success": ok, "last_failure": bad,
-               "last_error": bad.get("error") if failing else None,
+               "last_success": ok, "last_failure": bad, "last_error": t.get("last_error"),
+               "last_rate": (ok or {}).get("rate"),
                "in_progress": t.get("in_progress")}
         s = snaps.get(t.get("snapshot_uuid") or "")
         if s:

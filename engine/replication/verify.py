@@ -48,7 +48,7 @@ def verify(volume: str, snapshot: str, against: str, quick: bool = False) -> dic
         info, is_br = drclient.is_blockrep(against)
     except TransferError as e:
         raise TransferError(f"cannot read {against}: {e}", transient=False) from None
-    remote_name = None
+    remote_name = error = None
     if is_br:
         export = info["export"]
         if export not in ("",) and not export.startswith("@"):
@@ -59,10 +59,9 @@ def verify(volume: str, snapshot: str, against: str, quick: bool = False) -> dic
         theirs_snap = next((s for s in dr["snapshots"] if s["name"] == remote_name), None)
         if theirs_snap is None:
             raise NotFound(f"the DR {server_uri} has no snapshot named {remote_name}")
-        if theirs_snap["uuid"] != snap["uuid"]:
-            return {"snapshot": snapshot, "against": against, "identical": False, "differing": [],
-                    "error": f"the DR snapshot {remote_name} is not a copy of {snapshot} "
-                             f"(uuid {theirs_snap['uuid']}, here {snap['uuid']})"}
+        if theirs_snap["uuid"] != snap["uuid"]:  # still compared: name what differs
+            error = (f"the DR snapshot {remote_name} is not a copy of {snapshot} "
+                     f"(uuid {theirs_snap['uuid']}, here {snap['uuid']})")
         theirs = C.blockrep_sums(server_uri, remote_name, P.FULL_SHIFT, runs, size)
     elif info["size"] < size:
         return {"snapshot": snapshot, "against": against, "identical": False, "differing": [(0, size)],
@@ -74,6 +73,9 @@ def verify(volume: str, snapshot: str, against: str, quick: bool = False) -> dic
     pos = C.differing(mine, theirs)
     bad = C.coalesce(C.positions_to_chunks(runs or [(0, P.nchunks(size, P.FULL_SHIFT))], pos), P.FULL_SHIFT, size)
     compared = sum(c for _, c in runs) if runs is not None else P.nchunks(size, P.FULL_SHIFT)
-    return {"snapshot": snapshot, "uuid": snap["uuid"], "against": against, "identical": not bad,
-            "differing": [{"offset": o, "length": n} for o, n in bad], "chunks_compared": compared,
-            "quick": quick}
+    res = {"snapshot": snapshot, "uuid": snap["uuid"], "against": against, "identical": not bad and not error,
+           "differing": [{"offset": o, "length": n} for o, n in bad], "chunks_compared": compared,
+           "quick": quick}
+    if error:
+        res["error"] = error
+    return res
