@@ -167,7 +167,8 @@ def test_keep_local_prunes_only_tagged_snapshots_and_never_protected_ones():
 
 
 @settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 12), keep=st.integers(0, 12), base=st.integers(-1, 11), tags=st.lists(st.booleans(), min_size=12, max_size=12))
+@given(n=st.integers(0, 12), keep=st.integers(0, 12), base=st.integers(-1, 11),
+       tags=st.lists(st.booleans(), min_size=12, max_size=12))
 def test_prune_never_removes_a_protected_or_a_kept_snapshot(n, keep, base, tags):
     s = [snaps(f"s{i}", tagged=tags[i])[0] for i in range(n)]
     tg = targets(dr=(s[base]["uuid"], "2026-11-30T00:00:00Z")) if 0 <= base < n else {}
@@ -191,7 +192,7 @@ def test_build_and_parse_round_trip():
     assert cmd.verb == "begin" and cmd.args == {"primary": ME, "snap": OTHER, "name": "n1", "base": None,
                                                 "token": TOKEN, "force": False}
     assert P.parse("!sums:16@").snapshot is None and P.parse("!sums:20@s1").shift == 20
-    assert P.parse("!commit?token=%s&entries=3&shift=16&keep=none" % TOKEN).args["keep"] is None
+    assert P.parse(f"!commit?token={TOKEN}&entries=3&shift=16&keep=none").args["keep"] is None
 
 
 @pytest.mark.parametrize("name", [
@@ -200,7 +201,7 @@ def test_build_and_parse_round_trip():
     f"!begin?primary={ME}&snap={OTHER}&name=n&base=none&token={TOKEN}&force=0&force=1",  # repeated
     f"!begin?primary={ME}&snap={OTHER}&name=n&base=none&token={TOKEN}&force=0&extra=1",
     f"!begin?primary=nope&snap={OTHER}&name=n&base=none&token={TOKEN}&force=0",
-    "!data?token=short", f"!data?token={TOKEN.upper()}", "!commit?token=%s&entries=-1&shift=16&keep=none" % TOKEN,
+    "!data?token=short", f"!data?token={TOKEN.upper()}", f"!commit?token={TOKEN}&entries=-1&shift=16&keep=none",
     "!abort", "!" + "x" * 5000, "!changes@", "!hello\0",
 ])
 def test_malformed_commands_are_refused(name):
