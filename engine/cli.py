@@ -12,7 +12,7 @@ from . import server
 from .access import run_op
 from .errors import BlockrepError, InvalidArgument
 from .freeze import FreezeError, quiesced
-from .units import format_size, parse_size
+from .units import format_size, parse_duration, parse_size
 from .volume import Lock, Volume, create, disk_usage, read_params, validate_snapshot_name
 
 
@@ -256,7 +256,8 @@ def cmd_status(a) -> int:
 
 def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
-                       foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune)
+                       foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune,
+                       keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age") if a.keep_min_age else 0)
     del uri  # daemon mode prints nothing else (contract); `blockrep info` shows the URI
     return 0
 
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="do not daemonise")
     s.add_argument("--keep", type=int, metavar="N",
                    help="as a DR: keep the newest N replicated snapshots (the DR's own retention)")
+    s.add_argument("--keep-min-age", metavar="DURATION",
+                   help="as a DR: never prune a snapshot younger than this (e.g. 7d), however many arrive")
     s.add_argument("--allow-remote-prune", action="store_true",
                    help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
 

@@ -23,3 +23,15 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+_DUR = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DUR_RE = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str, what: str = "duration") -> int:
+    """'7d' -> 604800 seconds (s, m, h, d, w; a bare number is seconds)."""
+    m = _DUR_RE.match(str(text))
+    if not m:
+        raise InvalidArgument(f"invalid {what} {text!r}: use a number with an optional s, m, h, d or w suffix")
+    return int(m.group(1)) * _DUR[m.group(2)]

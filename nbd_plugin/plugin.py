@@ -7,9 +7,11 @@ engine errors become errnos. Exports: "" is the live volume (read-write; read-on
 "@NAME" snapshot NAME (read-only), "!…" the DR protocol (engine/replication/drserver.py, which
 owns every export handle: typed objects with a `kind`). The control socket (engine/control.py)
 runs in a thread of this process.
-Thread model SERIALIZE_ALL_REQUESTS: measured fastest for a Python plugin on 2 vCPUs
-(NBDKIT.md, bench/README.md); background work (checkpoints, collector) runs in a thread
-started in after_fork whose time is spent in GIL-free C calls.
+Thread model SERIALIZE_REQUESTS: requests are serialised per connection, so no client (stalled
+in the handshake, slow, or running a long request) holds up another (tests/test_stalled_clients.py),
+and one connection is as fast as under SERIALIZE_ALL_REQUESTS (bench/README.md); callbacks of
+different connections run at once (the engine has its own mutex). Background work (checkpoints,
+collector) runs in a thread started in after_fork whose time is spent in GIL-free C calls.
 """
 
 import ctypes
@@ -41,13 +43,14 @@ _THREAD_MODELS = {
     "serialize_requests": nbdkit.THREAD_MODEL_SERIALIZE_REQUESTS,
     "parallel": nbdkit.THREAD_MODEL_PARALLEL,
 }
-_thread_model = "serialize_all_requests"
+_thread_model = "serialize_requests"
 _stop = threading.Event()
 _worker = None
 _control = None
 _dr = None
 _keep = None
 _allow_remote_prune = False
+_keep_min_age = 0
 _psk_users: list[str] = []
 log = logging.getLogger("blockrep.server")
 
@@ -57,13 +60,17 @@ _FUA = nbdkit.FLAG_FUA
 
 
 def config(key, value):
-    global _path, _thread_model, _keep, _allow_remote_prune, _psk_users
+    global _path, _thread_model, _keep, _allow_remote_prune, _psk_users, _keep_min_age
     if key == "volume":
         _path = os.path.abspath(value)
     elif key == "keep":  # the DR's own retention (blockrep serve --keep N)
         if not value.isdigit() or int(value) < 1:
             raise RuntimeError("keep must be a number of snapshots >= 1")
         _keep = int(value)
+    elif key == "keep_min_age":  # seconds; DR snapshots younger than this are never pruned
+        if not value.isdigit():
+            raise RuntimeError("keep_min_age must be a number of seconds")
+        _keep_min_age = int(value)
     elif key == "allow_remote_prune":
         _allow_remote_prune = value == "1"
     elif key == "tls_psk":  # only to name the PSK user in the DR's log
@@ -83,7 +90,7 @@ def config(key, value):
         logging.getLogger("blockrep").setLevel(logging.INFO)
     else:
         raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…] "
-                           "[keep=N] [allow_remote_prune=1] [tls_psk=FILE])")
+                           "[keep=N] [keep_min_age=SECONDS] [allow_remote_prune=1] [tls_psk=FILE])")
 
 
 def config_complete():
@@ -99,7 +106,8 @@ def get_ready():
     global _vol, _v, _lib, _ffi, _from_buffer, _dr
     try:
         _vol = Volume.open(_path)
-        _dr = DRServer(_vol, keep=_keep, allow_remote_prune=_allow_remote_prune, peer=_peer)
+        _dr = DRServer(_vol, keep=_keep, allow_remote_prune=_allow_remote_prune, keep_min_age=_keep_min_age,
+                       peer=_peer)
     except BlockrepError as e:
         raise RuntimeError(str(e)) from None
     _v, _lib, _ffi = _vol._v, _vol._n.lib, _vol._n.ffi

@@ -355,6 +355,18 @@ def test_dr_retention_is_the_drs_own(make_server):
     assert "retention (keep 2) deleted snapshot" in (d.vol / "server.log").read_text()
 
 
+def test_a_flood_of_new_snapshots_cannot_push_the_recent_past_out_with_keep_min_age(make_server):
+    """A key holder can add DR snapshots; with --keep-min-age the DR's count retention never
+    deletes one younger than that, however many arrive."""
+    p = make_server("prim", size="64M")
+    d = make_server("dr", size="64M", serve_args=("--keep", "2", "--keep-min-age", "1h"))
+    names = [replicate(p.vol, d.uri)["snapshot"] for _ in range(5)]
+    assert [s["name"] for s in snaps(d.vol)] == names
+    assert "deleted snapshot" not in (d.vol / "server.log").read_text()
+    r = run_blockrep("serve", p.vol, "--keep-min-age", "soon")
+    assert "invalid --keep-min-age" in assert_one_error_line(r)
+
+
 def test_remote_prune_when_the_dr_allows_it_never_below_its_keep(make_server):
     p = make_server("prim", size="64M")
     d = make_server("dr", size="64M", serve_args=("--keep", "3", "--allow-remote-prune"))

@@ -208,8 +208,9 @@ class DRServer:
     """The DR commands of one served volume. `peer()` describes the current client for logs."""
 
     def __init__(self, vol: Volume, *, keep: int | None = None, allow_remote_prune: bool = False,
-                 peer=lambda: "unknown"):
+                 keep_min_age: int = 0, peer=lambda: "unknown"):
         self.vol, self.keep, self.allow_remote_prune, self.peer = vol, keep, allow_remote_prune, peer
+        self.keep_min_age = keep_min_age
         self.lock = threading.RLock()
         self.rw_heads = 0
         self.path = vol.path / STATE
@@ -290,7 +291,8 @@ class DRServer:
             "snapshots": snaps,
             "transfer": None if t is None else {"snapshot": t.rec["snap"], "name": t.rec["name"],
                                                 "live": t.live > 0, "started": t.rec["started"]},
-            "retention": {"keep": self.keep, "allow_remote_prune": self.allow_remote_prune},
+            "retention": {"keep": self.keep, "allow_remote_prune": self.allow_remote_prune,
+                          "keep_min_age": self.keep_min_age},
         }
 
     def _active(self, token: str, what: str) -> Transfer:
@@ -452,8 +454,12 @@ class DRServer:
                 self.audit(f"ignored a request to keep {keep_request} snapshot(s)")
         if not keep:
             return [], note
-        names = [s["name"] for s in self.vol.snapshots()]
-        doomed = names[: max(0, len(names) - max(keep, 1))]
+        snaps = self.vol.snapshots()
+        # --keep-min-age: nothing younger is pruned, however many snapshots arrive (a key holder
+        # who floods the DR with new snapshots cannot push the recent past out)
+        cutoff = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=self.keep_min_age)
+        doomed = [s["name"] for s in snaps[: max(0, len(snaps) - max(keep, 1))]
+                  if _dt.datetime.fromisoformat(s["created"].replace("Z", "+00:00")) <= cutoff]
         for n in doomed:
             self.vol.snapshot_delete(n)
             self.audit(f"retention (keep {keep}) deleted snapshot {n}")
