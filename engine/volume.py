@@ -56,6 +56,7 @@ def validate_snapshot_name(name: str) -> str:
 
 def parse_snapshot_uuid(value) -> _uuid.UUID:
     """A snapshot uuid given as a string (any form uuid.UUID reads) or a uuid.UUID; never nil."""
+    u: _uuid.UUID | None = None
     if isinstance(value, _uuid.UUID):
         u = value
     else:

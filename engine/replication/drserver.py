@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class Handle:
     kind = 0
     map_id = 0
     writable = False
-    transfer = None  # a Transfer for !data handles: writes need transfer.writable
+    transfer: Transfer | None = None  # for !data and !manifest handles: writes need transfer.writable
     size = 0
 
     def close(self) -> None:
@@ -130,6 +131,7 @@ class Manifest(Handle):
         buf[:] = data + bytes(len(buf) - len(data))
 
     def pwrite(self, buf, offset: int) -> None:
+        assert self.transfer is not None
         if not self.transfer.writable:
             raise Refused("the transfer is being committed or was replaced", _errno.EPERM)
         os.pwrite(self.fd, buf, offset)
@@ -247,7 +249,7 @@ class DRServer:
     def audit(self, what: str) -> None:
         log.info("DR %s [peer %s]", what, self.peer())
 
-    def refuse(self, what: str, msg: str, err: int):
+    def refuse(self, what: str, msg: str, err: int) -> NoReturn:
         log.warning("DR refused %s: %s [peer %s]", what, msg, self.peer())
         raise Refused(msg, err)
 
@@ -273,7 +275,7 @@ class DRServer:
             map_id = self.vol.snapshot(cmd.snapshot)["id"] if cmd.snapshot else 0
             return Sums(self.vol, map_id, cmd.shift)
         if cmd.verb == "changes":
-            ext = self.vol.diff_ids(self.vol.snapshot(cmd.snapshot)["id"], 0)
+            ext = self.vol.diff_ids(self.vol.snapshot(cmd.snapshot or "")["id"], 0)
             return Blob(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in ext))
         if readonly and cmd.verb in ("data", "manifest"):
             self.refuse(cmd.verb, "this export changes the volume: open it read-write", _errno.EROFS)
@@ -300,6 +302,7 @@ class DRServer:
         if t is None or not t.matches(token):
             self.refuse(what, "no open transfer holds this token (another run replaced it, or it was committed)",
                         _errno.EPERM)
+        assert t is not None
         return t
 
     def cmd_begin(self, primary, snap, name, base, token, force) -> Handle:
@@ -348,7 +351,7 @@ class DRServer:
                     self.audit(f"FORCED bind of a volume with data of its own to primary {primary}")
                 self.state["bound_to"] = primary
                 self.state["bound_at"] = _now()
-            if not resumed:
+            if not resumed or self.transfer is None:
                 self.transfer = Transfer({"token_sha256": hashlib.sha256(token.encode()).hexdigest(),
                                           "snap": snap, "name": name, "base": base, "primary": primary,
                                           "started": _now(), "peer": self.peer()})

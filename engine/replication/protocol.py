@@ -12,6 +12,7 @@ import re
 import uuid as _uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 from ..errors import InvalidArgument
 
@@ -94,7 +95,7 @@ def _keep_arg(v: str | None) -> int | None:
     return None if v == "none" else _int_arg(1, 1 << 20)(v)
 
 
-ARGS = {
+ARGS: dict[str, dict[str, Any]] = {
     "begin": {"primary": _uuid_arg, "snap": _uuid_arg, "name": _name_arg, "base": _base_arg,
               "token": _token_arg, "force": _flag_arg},
     "data": {"token": _token_arg},

@@ -196,14 +196,16 @@ class Run:
         size = self.params.size
         if p.mode == "seed":
             return [(0, size)], []
-        if p.mode == "incremental":
+        if p.mode == "incremental" and p.base is not None:
             delta = [(e["offset"], e["length"])
                      for e in run_op(self.vol, "diff", from_name=p.base["name"], to_name=snap["name"])]
             if dr is None:
                 return delta, []
-            same = progress and (progress.get("snapshot_uuid"), progress.get("base_uuid")) == \
-                (snap["uuid"], p.base["uuid"]) and "dr_dirty" in progress
-            dirty = [tuple(e) for e in progress["dr_dirty"]] if same else drclient.changes(self.to, p.base["name"])
+            if progress and (progress.get("snapshot_uuid"), progress.get("base_uuid")) == \
+                    (snap["uuid"], p.base["uuid"]) and "dr_dirty" in progress:
+                dirty = [(int(o), int(n)) for o, n in progress["dr_dirty"]]
+            else:
+                dirty = drclient.changes(self.to, p.base["name"])
             return merge_extents(delta, dirty), dirty
         # rebase: only digests cross; send the chunks that differ
         mine = C.blockrep_sums(src, snap["name"], P.FULL_SHIFT, None, size)
@@ -231,7 +233,7 @@ class Run:
         state.set_target(vol, self.to, kind="blockrep" if dr else "nbd", head_uuid=None, in_progress=in_progress,
                          dr_volume=dr and dr["volume"])
         session = None
-        if dr is not None:
+        if dr is not None and token is not None:
             session = drclient.Session(self.to, primary=self.params.uuid, snap=snap["uuid"], name=snap["name"],
                                        base=p.base["uuid"] if p.base else None, token=token, force=self.force)
         try:
@@ -244,7 +246,7 @@ class Run:
             sent = self.copy(src, snap, target_export, extents, resume, suppress and p.base, show, in_progress)
             show.done()
             commit = None
-            if session is not None:
+            if session is not None and mine is not None:
                 commit = self.check_and_commit(src, snap, session, mine.get(), shift, runs, keep_remote, sent)
             fingerprint = None if dr is not None else self.fingerprint(src, snap, extents)
         except BaseException:
