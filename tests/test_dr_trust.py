@@ -112,6 +112,20 @@ def test_2tib_sparse_volume_with_data_beyond_4gib_replicates_verifies_and_diffs(
     print(f"2 TiB: seed + incremental + verify to a blockrep DR in {seconds:.1f} s")
 
 
+def test_16tib_volume_seed_incremental_and_verify(make_server):
+    """The largest volume: every request stays within libnbd's limits (R22)."""
+    p = make_server("huge", size="16T")
+    d = make_server("hugedr", size="16T")
+    write_blocks(p.uri, {0: b"\x01" * 65536, 15 * TiB: b"\x02" * 65536})
+    r1 = replicate(p.vol, d.uri)
+    assert r1["mode"] == "seed" and r1["bytes_sent"] == 2 * 65536
+    write_blocks(p.uri, {10 * TiB: b"\x03" * 4096})
+    r2 = replicate(p.vol, d.uri)
+    assert r2["mode"] == "incremental" and r2["bytes_sent"] == 4096
+    assert verify(p.vol, r2["snapshot"], d.uri).returncode == 0
+    assert run_blockrep("verify", p.vol, r2["snapshot"], "--against", d.uri, "--quick").returncode == 0
+
+
 def test_1mib_volume_replicates(make_server):
     p = make_server("tiny", size="1M")
     d = make_server("tinydr", size="1M")

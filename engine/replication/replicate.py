@@ -312,8 +312,7 @@ class Run:
             st = copy_extents(src, "@" + snap["name"], self.to, session.data_export, C.coalesce(bad, shift, size),
                               rate=self.rate, connections=self.connections, in_flight=self.in_flight)
             sent["bytes_sent"] += st.bytes_sent
-        all_runs = runs or [(0, P.nchunks(size, shift))]
-        idx = np.array(C.positions_to_chunks(all_runs, np.arange(len(mine) // P.SUM_BYTES)), dtype="<u8")
+        idx = C.indices_of_runs(runs or [(0, P.nchunks(size, shift))])
         digs = np.frombuffer(mine, dtype="V16")
         keep = np.ones(len(idx), dtype=bool)
         if shift == P.FULL_SHIFT:  # seed/rebase manifests list data chunks only (REPLICATION.md §3)
