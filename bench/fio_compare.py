@@ -309,6 +309,7 @@ class Blockrep(Server):
         super().__init__(workdir)
         self.vol = self.dir / "vol"
         self.started = False
+        self.env: dict | None = None  # environment of `blockrep serve` (None: ours)
 
     def _blockrep(self, *args: str, timeout: float) -> tuple[int, str]:
         """Run a blockrep command; (exit status, its stderr).  Output goes to a file,
@@ -326,6 +327,7 @@ class Blockrep(Server):
                     stdout=log,
                     stderr=err,
                     timeout=timeout,
+                    env=self.env,
                 ).returncode
             except subprocess.TimeoutExpired as e:
                 raise ServerError(f"{shlex.join(argv)} timed out after {timeout:.0f} s") from e
@@ -335,6 +337,10 @@ class Blockrep(Server):
         return rc, one_line(errtext)
 
     def start(self) -> None:
+        self.create()
+        self.serve()
+
+    def create(self) -> None:
         if not os.access(self.blockrep_bin, os.X_OK):
             raise ServerError(f"{self.blockrep_bin} not found (run scripts/bootstrap.sh)")
         rc, err = self._blockrep(
@@ -342,6 +348,8 @@ class Blockrep(Server):
         )
         if rc != 0:
             raise ServerError(f"blockrep create failed (exit {rc}): {err}")
+
+    def serve(self) -> None:
         self.started = True  # from here on, stop() must run
         rc, err = self._blockrep("serve", str(self.vol), "--socket", str(self.sock), timeout=120)
         if rc != 0:
@@ -389,6 +397,104 @@ class Blockrep(Server):
 class BlockrepZstd(Blockrep):
     key, letter, label = "blockrep-zstd", "e", "blockrep zstd"
     create_args: ClassVar[list[str]] = ["--compress", "zstd"]
+
+
+# ------------------------------------------------------- thread models (--thread-models)
+
+THREAD_MODELS = ("serialize_all_requests", "serialize_requests", "parallel")
+TM_SHORT = {
+    "serialize_all_requests": "SER_ALL_REQ",
+    "serialize_requests": "SER_REQ",
+    "parallel": "PARALLEL",
+}
+TM_TESTS = (
+    "randwrite-4k-qd16",
+    "randread-4k-qd16",
+    "randwrite-4k-qd16-2conn",
+    "randread-4k-qd16-2conn",
+)
+
+
+class PythonCeilingTM(PythonCeiling):
+    """The ceiling plugin under a given thread model. SERIALIZE_ALL_REQUESTS runs the anchor
+    file itself; another model runs a copy of it in the run's directory with thread_model()
+    redefined at its end (nothing else differs)."""
+
+    def __init__(self, workdir: Path, thread_model: str):
+        self.thread_model = thread_model
+        self.key = f"ceiling:{thread_model}"
+        self.label = f"py bytearray {TM_SHORT[thread_model]}"
+        super().__init__(workdir)
+
+    @property
+    def settings(self) -> str:  # type: ignore[override]
+        return PythonCeiling.settings + (
+            ""
+            if self.thread_model == "serialize_all_requests"
+            else f" (copy, thread_model() -> THREAD_MODEL_{self.thread_model.upper()})"
+        )
+
+    def start(self) -> None:
+        plugin = BENCH_DIR / "anchor_bytearray_plugin.py"
+        if self.thread_model != "serialize_all_requests":
+            src = plugin.read_text()
+            plugin = self.dir / plugin.name
+            plugin.write_text(
+                src + "\n\n# fio_compare.py --thread-models: the same plugin under another model\n"
+                "def thread_model():\n"
+                f"    return nbdkit.THREAD_MODEL_{self.thread_model.upper()}\n"
+            )
+        self._spawn(
+            [
+                "nbdkit",
+                "-f",
+                "--exit-with-parent",
+                "-U",
+                str(self.sock),
+                "python",
+                str(plugin),
+                f"size={EXPORT_SIZE}",
+            ]
+        )
+
+
+class BlockrepTM(Blockrep):
+    """One blockrep volume, served by `blockrep serve` under the plugin's thread_model= of the
+    cell being measured: `use(model)` restarts the server when the model changes, so every
+    model sees the same volume. BLOCKREP_NBDKIT points `serve` at a two-line wrapper that
+    execs nbdkit with `thread_model=MODEL` appended to the plugin's parameters."""
+
+    key, letter, label = "blockrep", "d", "blockrep"
+
+    def __init__(self, workdir: Path):
+        super().__init__(workdir)
+        self.thread_model: str | None = None
+
+    @property
+    def settings(self) -> str:  # type: ignore[override]
+        return (
+            f"blockrep create VOL --size {EXPORT_SIZE}; blockrep serve VOL --socket SOCK with "
+            f"thread_model=MODEL appended to nbdkit's plugin parameters (BLOCKREP_NBDKIT wrapper)"
+        )
+
+    def start(self) -> None:
+        self.create()
+
+    def stop(self) -> None:
+        super().stop()
+        self.thread_model = None
+
+    def use(self, thread_model: str) -> None:
+        if self.thread_model == thread_model and self.alive():
+            return
+        self.stop()
+        wrapper = self.dir / f"nbdkit-{thread_model}"
+        nbdkit = shutil.which("nbdkit") or "nbdkit"
+        wrapper.write_text(f'#!/bin/sh\nexec {nbdkit} "$@" thread_model={thread_model}\n')
+        wrapper.chmod(0o755)
+        self.env = dict(os.environ, BLOCKREP_NBDKIT=str(wrapper))
+        self.serve()
+        self.thread_model = thread_model
 
 
 SERVERS: list[type[Server]] = [NbdkitMemory, PythonCeiling, QemuNbd, Blockrep, BlockrepZstd]
@@ -522,25 +628,8 @@ def bench_server(
     multi = None
     if any(t.numjobs > 1 for t in tests):
         multi = can_multi_conn(server)
+    prepare(server, tests, args, extra)
     out = server.dir / "fio.json"
-    if any(t.reads for t in tests) or args.precondition:
-        prefill = Test("prefill-1M", "write", "1M", 16)
-        t0 = time.monotonic()
-        r = fio(server, prefill, None, out, extra)
-        if r.error:
-            raise ServerError(f"prefill failed: {r.error}")
-        say(f"   prefill: 1 GiB in {time.monotonic() - t0:.1f} s ({r.mibs:.0f} MiB/s)")
-    if args.precondition:
-        # Steady state, as SNIA's performance test spec asks of any storage under test: one
-        # random overwrite pass of the whole export, for every server alike. A log-structured
-        # store reaches its steady state (live data, collector, recycled segment files) only
-        # after overwrites; an in-place store is unaffected.
-        pre = Test("precondition-64k", "randwrite", "64k", 16)
-        t0 = time.monotonic()
-        r = fio(server, pre, None, out, extra)
-        if r.error:
-            raise ServerError(f"preconditioning failed: {r.error}")
-        say(f"   precondition: 1 GiB random overwrite in {time.monotonic() - t0:.1f} s")
     logged = False
     for test in tests:
         if test.numjobs > 1 and multi is False:
@@ -565,6 +654,164 @@ def bench_server(
         notes.append(
             f"{name}: server was no longer running after the last test; log: {server.log_tail()}"
         )
+
+
+def prepare(server: Server, tests: list[Test], args, extra: list[str]) -> None:
+    """Prefill (if a read test is selected, or before preconditioning), then precondition."""
+    out = server.dir / "fio.json"
+    if any(t.reads for t in tests) or args.precondition:
+        prefill = Test("prefill-1M", "write", "1M", 16)
+        t0 = time.monotonic()
+        r = fio(server, prefill, None, out, extra)
+        if r.error:
+            raise ServerError(f"prefill failed: {r.error}")
+        say(f"   prefill: 1 GiB in {time.monotonic() - t0:.1f} s ({r.mibs:.0f} MiB/s)")
+    if args.precondition:
+        # Steady state, as SNIA's performance test spec asks of any storage under test: one
+        # random overwrite pass of the whole export, for every server alike. A log-structured
+        # store reaches its steady state (live data, collector, recycled segment files) only
+        # after overwrites; an in-place store is unaffected.
+        pre = Test("precondition-64k", "randwrite", "64k", 16)
+        t0 = time.monotonic()
+        r = fio(server, pre, None, out, extra)
+        if r.error:
+            raise ServerError(f"preconditioning failed: {r.error}")
+        say(f"   precondition: 1 GiB random overwrite in {time.monotonic() - t0:.1f} s")
+
+
+def bench_thread_models(
+    workdir: Path,
+    tests: list[Test],
+    args,
+    extra: list[str],
+    results: dict,
+    notes: list[str],
+    servers: list,
+) -> list[tuple[str, str]]:
+    """--thread-models: the ceiling under SERIALIZE_ALL_REQUESTS and SERIALIZE_REQUESTS and
+    blockrep under each of THREAD_MODELS, interleaved: every repeat runs every variant once
+    (in an order rotated by one each repeat), each variant running all the tests. The two
+    ceilings stay up for the whole run (idle, they use no CPU); blockrep is one volume,
+    restarted under the model of the variant measured, so no idle blockrep server (collector,
+    checkpoints) runs beside a measurement. Results are keyed (test, variant key); returns the
+    variants as (key, label), in the report's order."""
+    ceilings = {}
+    for tm in ("serialize_all_requests", "serialize_requests"):
+        c = PythonCeilingTM(workdir, tm)
+        servers.append(c)
+        say(f"== {c.name}: starting")
+        c.start()
+        prepare(c, tests, args, extra)
+        ceilings[tm] = c
+    br = BlockrepTM(workdir)
+    servers.append(br)
+    say(f"== {br.name}: creating the volume")
+    br.start()
+    br.use(THREAD_MODELS[0])
+    prepare(br, tests, args, extra)
+    br.stop()
+    variants: list[tuple[str, str, Server, str | None]] = [
+        (c.key, c.name, c, None) for c in ceilings.values()
+    ] + [(f"blockrep:{tm}", f"(d) blockrep {TM_SHORT[tm]}", br, tm) for tm in THREAD_MODELS]
+    runs: dict[tuple[str, str], list[Result]] = {}
+    out = br.dir / "fio.json"
+    for i in range(args.repeat):
+        k = i % len(variants)
+        for key, name, server, tm in variants[k:] + variants[:k]:
+            if tm is not None:
+                t0 = time.monotonic()
+                br.use(tm)
+                say(f"== {name}: served after {time.monotonic() - t0:.1f} s")
+            else:
+                br.stop()  # an idle blockrep server (collector, checkpoints) is not idle
+            for test in tests:
+                if not server.alive():
+                    raise ServerError(f"{name} died before {test.name}; log: {server.log_tail()}")
+                r = fio(server, test, args.runtime, out, extra)
+                runs.setdefault((test.name, key), []).append(r)
+                say(
+                    f"   {name:<28} {test.name:<24} run {i + 1}/{args.repeat}: "
+                    f"{r.iops:>9.0f} IOPS {('ERROR ' + r.error) if r.error else ''}"
+                )
+    for cell, rs in runs.items():
+        results[cell] = median_run(rs)
+        if any(r.error for r in rs):
+            notes.append(f"{cell[1]} {cell[0]}: {next(r.error for r in rs if r.error)}")
+    return [(key, name) for key, name, _, _ in variants]
+
+
+def tm_report(
+    results: dict, tests: list[Test], variants, args, meta: dict, notes, start_errors
+) -> str:
+    """The --thread-models report: IOPS per variant and test, ratios to the ceiling (the anchor
+    bytearray plugin under SERIALIZE_ALL_REQUESTS, 1 connection) and 2 connections / 1."""
+    base = "ceiling:serialize_all_requests"
+    L = [f"# blockrep thread models, fio comparison, {meta['timestamp']}", ""]
+    L.append(f"- command: `{meta['command']}`")
+    L.append(f"- host: {meta['host']}")
+    L.append(f"- tools: {meta['tools']}")
+    L.append(f"- blockrep: {meta['blockrep']}")
+    L.append(
+        f"- fio: `--ioengine=nbd --uri=nbd+unix:///?socket=SOCK --time_based "
+        f"--runtime={args.runtime}`, 1 GiB exports prefilled and preconditioned once; "
+        f"2conn = numjobs=2 (one NBD connection per job, iodepth 16 each)"
+    )
+    L.append(
+        f"- repeats: {args.repeat}, interleaved (each repeat runs every variant); each cell is "
+        f"the run with the median IOPS"
+    )
+    L.append(f"- load average before / after: {meta['load_before']} / {meta['load_after']}")
+    L.append("")
+    L.append(
+        "| server | " + " | ".join(t.name for t in tests) + " | 2conn ÷ 1conn (w / r) |"
+    )
+    L.append("|---|" + "---:|" * (len(tests) + 1))
+
+    def iops(test: str, key: str) -> float | None:
+        r = results.get((test, key))
+        return r.iops if r and r.iops and not r.error else None
+
+    for key, name in variants:
+        cells = []
+        for t in tests:
+            v = iops(t.name, key)
+            one = iops(t.name.removesuffix("-2conn"), base)
+            cells.append(
+                "—" if v is None else f"{v / 1000:.1f}k" + (f" ({v / one:.2f})" if one else "")
+            )
+        two = []
+        for rw in ("randwrite", "randread"):
+            a, b = iops(f"{rw}-4k-qd16", key), iops(f"{rw}-4k-qd16-2conn", key)
+            two.append("—" if not a or not b else f"{b / a:.2f}")
+        L.append(f"| {name} | " + " | ".join(cells) + f" | {' / '.join(two)} |")
+    L.append("")
+    L.append(
+        "In brackets: IOPS ÷ the ceiling's (b) single-connection IOPS of the same rw "
+        "(the anchor bytearray plugin under SERIALIZE_ALL_REQUESTS, 1 connection)."
+    )
+    L.append("")
+    L.append("| test | server | IOPS | lat mean µs | lat p99 µs | server CPU µs/op | IOPS of each run |")
+    L.append("|---|---|---:|---:|---:|---:|---|")
+    for t in tests:
+        for key, name in variants:
+            r = results.get((t.name, key))
+            if r is None:
+                continue
+            cpu = "—" if r.cpu_us_per_op is None else f"{r.cpu_us_per_op:.1f}"
+            L.append(
+                f"| {t.name} | {name} | {fmt_iops(r.iops)} | {r.lat_mean_us:.1f} | "
+                f"{r.lat_p99_us:.1f} | {cpu} | {', '.join(fmt_iops(x) for x in r.runs)}"
+                + (f" ({r.error})" if r.error else "")
+                + " |"
+            )
+    L.append("")
+    if notes or start_errors:
+        L.append("## Anomalies")
+        L.append("")
+        L.extend(f"- {k}: {e}" for k, e in start_errors.items())
+        L.extend(f"- {n}" for n in notes)
+        L.append("")
+    return "\n".join(L)
 
 
 def say(msg: str) -> None:
@@ -850,6 +1097,13 @@ def parse_args(argv=None):
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--strict", action="store_true", help="exit 1 if a §5 target is missed")
     p.add_argument("--list", action="store_true", help="list tests and servers and exit")
+    p.add_argument(
+        "--thread-models",
+        action="store_true",
+        help="instead of the servers: the ceiling under SERIALIZE_ALL_REQUESTS and "
+        "SERIALIZE_REQUESTS and blockrep under each thread_model=, interleaved "
+        f"(default tests: {', '.join(TM_TESTS)})",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.runtime = 3
@@ -862,6 +1116,8 @@ def parse_args(argv=None):
         unknown = [pat for pat in pats if not any(fnmatch.fnmatchcase(t.name, pat) for t in TESTS)]
         if unknown or not tests:
             p.error(f"unknown tests {unknown or pats}; known: {', '.join(t.name for t in TESTS)}")
+    elif args.thread_models:
+        tests = [t for t in TESTS if t.name in TM_TESTS]
     else:
         tests = [t for t in TESTS if t.default]
     if args.servers:
@@ -930,7 +1186,17 @@ def main(argv=None) -> int:
     start_errors: dict[str, str] = {}
     servers: list[Server] = []
     interrupted = False
+    variants: list[tuple[str, str]] = []
     try:
+        if args.thread_models:
+            server_classes = []
+            try:
+                variants = bench_thread_models(
+                    workdir, tests, args, fio_extra(args), results, notes, servers
+                )
+            except ServerError as e:
+                say(f"   {e}")
+                start_errors["thread-models"] = one_line(str(e))
         for cls in server_classes:
             server = cls(workdir)
             servers.append(server)
@@ -961,11 +1227,14 @@ def main(argv=None) -> int:
     meta["load_after"] = loadavg()
     if interrupted:
         notes.append("run interrupted; the tables are incomplete")
-    text = report(results, tests, servers, args, meta, notes, start_errors)
+    if args.thread_models:
+        text = tm_report(results, tests, variants, args, meta, notes, start_errors)
+    else:
+        text = report(results, tests, servers, args, meta, notes, start_errors)
     print(text)
     if not args.no_save:
         args.results_dir.mkdir(parents=True, exist_ok=True)
-        path = args.results_dir / f"fio-{stamp}.md"
+        path = args.results_dir / f"fio-{'thread-models-' if args.thread_models else ''}{stamp}.md"
         path.write_text(text + "\n")
         say(f"wrote {path}")
     if interrupted:

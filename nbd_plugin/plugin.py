@@ -8,10 +8,11 @@ engine errors become errnos. Exports: "" is the live volume (read-write; read-on
 owns every export handle: typed objects with a `kind`). The control socket (engine/control.py)
 runs in a thread of this process.
 Thread model SERIALIZE_REQUESTS: requests are serialised per connection, so no client (stalled
-in the handshake, slow, or running a long request) holds up another (tests/test_stalled_clients.py),
-and one connection is as fast as under SERIALIZE_ALL_REQUESTS (bench/README.md); callbacks of
-different connections run at once (the engine has its own mutex). Background work (checkpoints,
-collector) runs in a thread started in after_fork whose time is spent in GIL-free C calls.
+in the handshake, slow, or sending long requests) delays another by more than one request
+(tests/test_stalled_clients.py), and one connection is as fast as under SERIALIZE_ALL_REQUESTS
+(bench/README.md); callbacks of different connections run at once (the engine has its own
+mutex). Background work (checkpoints, collector) runs in a thread started in after_fork whose
+time is spent in GIL-free C calls.
 """
 
 import ctypes
