@@ -257,7 +257,7 @@ def cmd_status(a) -> int:
 def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
                        foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune,
-                       keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age") if a.keep_min_age else 0)
+                       keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age"))
     del uri  # daemon mode prints nothing else (contract); `blockrep info` shows the URI
     return 0
 
@@ -302,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--foreground", action="store_true", help="do not daemonise")
     s.add_argument("--keep", type=int, metavar="N",
                    help="as a DR: keep the newest N replicated snapshots (the DR's own retention)")
-    s.add_argument("--keep-min-age", metavar="DURATION",
-                   help="as a DR: never prune a snapshot younger than this (e.g. 7d), however many arrive")
+    s.add_argument("--keep-min-age", metavar="DURATION", default="1d",
+                   help="as a DR: never prune a snapshot younger than this (default 1d), however many arrive; "
+                        "--keep N then keeps the newest N older ones too")
     s.add_argument("--allow-remote-prune", action="store_true",
                    help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
 

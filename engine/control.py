@@ -71,6 +71,8 @@ class ControlServer:
             with conn:
                 try:
                     self._serve(conn)
+                except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                    log.debug("control client went away")  # e.g. `serve`'s readiness probe
                 except Exception:  # one bad client must not stop the control socket
                     log.exception("control request failed")
 

@@ -81,6 +81,12 @@ def pending(vol: Volume, since: str) -> int:
     return sum(n for _, n in vol.diff_ids(vol.snapshot(validate_snapshot_name(since))["id"], 0))
 
 
+def changes_since(vol: Volume, since: str) -> list[dict]:
+    """Extents the head changed since snapshot `since` (at 4 KiB)."""
+    ext = vol.diff_ids(vol.snapshot(validate_snapshot_name(since))["id"], 0, granularity=BLOCK)
+    return [{"offset": o, "length": n} for o, n in ext]
+
+
 def info(vol: Volume) -> dict:
     res = vol.info()
     res["snapshots"] = snapshot_list(vol)
@@ -94,7 +100,7 @@ def flush(vol: Volume) -> None:
     vol.checkpoint()
 
 
-READ_ONLY = frozenset({"snapshot_list", "diff", "pending", "info"})
+READ_ONLY = frozenset({"snapshot_list", "diff", "pending", "info", "changes_since"})
 
 
 def _check_new_name(vol: Volume, name: str | None = None, **_) -> None:
@@ -129,6 +135,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "snapshot_prune": snapshot_prune,
     "diff": diff,
     "pending": pending,
+    "changes_since": changes_since,
     "info": info,
     "flush": flush,
 }

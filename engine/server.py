@@ -176,7 +176,7 @@ def client_uri(hp: tuple[str, int] | None, sock: Path, psk: Path | None) -> str:
 
 def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
                    tls_psk: Path | None, foreground: bool, keep: int | None = None,
-                   allow_remote_prune: bool = False, keep_min_age: int = 0) -> list[str]:
+                   allow_remote_prune: bool = False, keep_min_age: int = 86400) -> list[str]:
     cmd = [NBDKIT, "-P", str(pid_file(vol))]
     if foreground:
         cmd.append("-f")
@@ -193,15 +193,14 @@ def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
         cmd.append(f"keep={keep}")
     if allow_remote_prune:
         cmd.append("allow_remote_prune=1")
-    if keep_min_age:
-        cmd.append(f"keep_min_age={keep_min_age}")
+    cmd.append(f"keep_min_age={keep_min_age}")
     return cmd
 
 
 def serve(vol_path: str, socket_path: str | None = None, listen: str | None = None,
           tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0,
           private: bool = False, keep: int | None = None, allow_remote_prune: bool = False,
-          keep_min_age: int = 0) -> str:
+          keep_min_age: int = 86400) -> str:
     """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line.
     private: a child of this process that dies with it (nbdkit --exit-with-parent), for commands
     that serve an unserved volume while they run (replicate, verify)."""

@@ -51,7 +51,7 @@ _control = None
 _dr = None
 _keep = None
 _allow_remote_prune = False
-_keep_min_age = 0
+_keep_min_age = 86400  # DR snapshots younger than a day are never pruned (serve --keep-min-age)
 _psk_users: list[str] = []
 log = logging.getLogger("blockrep.server")
 
@@ -80,7 +80,7 @@ def config(key, value):
                 _psk_users = [ln.split(":", 1)[0] for ln in f if ":" in ln]
         except OSError:
             _psk_users = []
-    elif key == "thread_model":  # for measurements (bench/); the default was measured fastest
+    elif key == "thread_model":  # for measurements (bench/); the default: module docstring
         if value not in _THREAD_MODELS:
             raise RuntimeError(f"thread_model must be one of {', '.join(_THREAD_MODELS)}")
         _thread_model = value
@@ -196,8 +196,9 @@ def _peer():
 
 
 def open(readonly):
-    name = nbdkit.export_name()
+    name = "?"
     try:
+        name = nbdkit.export_name()
         if name == "":
             return _dr.open_head(readonly)
         if name.startswith("@"):
@@ -211,6 +212,10 @@ def open(readonly):
         log.error("opening export %r: %s", name[:80], e)
         nbdkit.set_error(e.errno or errno.EIO)
         raise RuntimeError(str(e)) from None
+    except Exception as e:  # a name nobody expected (not UTF-8, …): refuse, log, no traceback
+        log.warning("refused export %r: %s [peer %s]", name[:80], e, _peer())
+        nbdkit.set_error(errno.EINVAL)
+        raise RuntimeError(f"bad export name: {e}") from None
     nbdkit.set_error(errno.ENOENT)
     raise RuntimeError(f"no export named {name[:80]!r} (the live volume is \"\", snapshots are @NAME)")
 
@@ -300,18 +305,30 @@ def pread(h, buf, offset, flags):
             _refused(e)
 
 
+def _over():
+    nbdkit.set_error(errno.EPERM)
+    raise RuntimeError("the transfer that opened this export is being committed or is over")
+
+
 def pwrite(h, buf, offset, flags):
     t = h.transfer
-    if t is not None and not t.writable:
-        nbdkit.set_error(errno.EPERM)
-        raise RuntimeError("the transfer that opened this export is over")
-    if h.kind == 2:
-        try:
-            h.pwrite(buf, offset)
-        except BlockrepError as e:
-            _refused(e)
-    elif _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
-        _fail("write")
+    if t is None:
+        if _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
+            _fail("write")
+        return
+    # a DR transfer's write: bracketed so that a commit waits for it (drserver.Transfer)
+    if not t.enter():
+        _over()
+    try:
+        if h.kind == 2:
+            try:
+                h.pwrite(buf, offset)
+            except BlockrepError as e:
+                _refused(e)
+        elif _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
+            _fail("write")
+    finally:
+        t.leave()
 
 
 def flush(h, flags):
@@ -319,22 +336,24 @@ def flush(h, flags):
         _fail("flush")
 
 
-def trim(h, count, offset, flags):
+def _zero(h, count, offset, flags, trim, what):
     t = h.transfer
-    if t is not None and not t.writable:
-        nbdkit.set_error(errno.EPERM)
-        raise RuntimeError("the transfer that opened this export is over")
-    if _lib.vol_zero(_v, count, offset, flags & _FUA, 1):
-        _fail("trim")
+    if t is not None and not t.enter():
+        _over()
+    try:
+        if _lib.vol_zero(_v, count, offset, flags & _FUA, trim):
+            _fail(what)
+    finally:
+        if t is not None:
+            t.leave()
+
+
+def trim(h, count, offset, flags):
+    _zero(h, count, offset, flags, 1, "trim")
 
 
 def zero(h, count, offset, flags):
-    t = h.transfer
-    if t is not None and not t.writable:
-        nbdkit.set_error(errno.EPERM)
-        raise RuntimeError("the transfer that opened this export is over")
-    if _lib.vol_zero(_v, count, offset, flags & _FUA, 0):
-        _fail("zero")
+    _zero(h, count, offset, flags, 0, "zero")
 
 
 def extents(h, count, offset, flags):

@@ -221,6 +221,84 @@ def test_a_plain_target_changed_behind_our_back_gets_a_seed_not_a_wrong_incremen
 
 # ------------------------------------------------------------------ one run per target
 
+def test_a_plain_proxy_of_the_volume_itself_is_refused(pair, targets, tmp_path):
+    """qemu-nbd in front of the primary's own export looks like any NBD server; shipping an older
+    snapshot through it would revert the head's newer writes."""
+    p, _ = pair
+    run_blockrep("snapshot", "create", p.vol, "--name", "old", check=True)
+    write_blocks(p.uri, {40 * MiB: b"\x99" * MiB})  # newer than "old"
+    sock = tmp_path / "proxy.sock"
+    targets(["qemu-nbd", "-t", "-e", "4", "-k", sock, "--image-opts",
+             f"driver=nbd,server.type=unix,server.path={p.sock}"], uri(sock), sock=sock)
+    r = rep(p.vol, uri(sock), "--snapshot", "old")
+    assert "reads like this volume's own live export" in assert_one_error_line(r)
+    with connected(p.uri) as h:
+        assert h.pread(4096, 40 * MiB) == b"\x99" * 4096
+
+
+def test_a_second_spelling_of_the_same_dr_is_still_one_run(pair, procs):
+    p, d = pair
+    write_blocks(p.uri, {20 * MiB: os.urandom(8 * MiB)})
+    slow = procs("replicate", p.vol, "--to", d.uri, "--rate", "2M")
+    wait_for(lambda: _hello_json(d.uri).get("transfer"), what="the first run's transfer")
+    other = f"nbd+unix:///?socket={d.sock.parent}/./{d.sock.name}"
+    r = rep(p.vol, other)
+    assert "already replicating" in assert_one_error_line(r) and "blockrep DR volume" in r.stderr
+    slow.communicate(timeout=60)
+    assert slow.returncode == 0
+
+
+def test_the_snapshot_being_shipped_cannot_be_deleted(pair, procs):
+    p, d = pair
+    write_blocks(p.uri, {20 * MiB: os.urandom(8 * MiB)})
+    run_blockrep("snapshot", "create", p.vol, "--name", "mysnap", check=True)
+    slow = procs("replicate", p.vol, "--to", d.uri, "--snapshot", "mysnap", "--rate", "2M")
+    wait_for(lambda: _hello_json(d.uri).get("transfer"), what="the transfer")
+    r = run_blockrep("snapshot", "delete", p.vol, "mysnap")
+    assert "being replicated to" in assert_one_error_line(r)
+    slow.communicate(timeout=60)
+    assert slow.returncode == 0
+
+
+def test_a_replication_record_of_an_unknown_version_is_never_read_as_empty(pair):
+    p, d = pair
+    base = replicate(p.vol, d.uri)["snapshot"]
+    rec = p.vol / "replication.json"
+    data = json.loads(rec.read_text())
+    rec.write_text(json.dumps({**data, "version": 3}))
+    for args in (("snapshot", "delete", p.vol, base), ("status", p.vol)):
+        assert "replication record version 3" in assert_one_error_line(run_blockrep(*args))
+    assert base in [s["name"] for s in snaps(p.vol)]
+
+
+def test_an_export_name_that_is_not_utf8_is_refused_without_a_traceback(pair):
+    import socket as so
+    import struct
+    _, d = pair
+    c = so.socket(so.AF_UNIX)
+    c.settimeout(10)
+    c.connect(str(d.sock))
+    hs = c.recv(18)
+    assert hs[:16] == b"NBDMAGICIHAVEOPT"
+    c.sendall(struct.pack(">I", 1))  # NBD_FLAG_C_FIXED_NEWSTYLE
+    name = b"!\xff\xfe"
+    payload = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    c.sendall(b"IHAVEOPT" + struct.pack(">II", 7, len(payload)) + payload)  # NBD_OPT_GO
+    reply = c.recv(20)
+    assert len(reply) == 20 and struct.unpack(">I", reply[12:16])[0] & 0x80000000, reply  # an error reply
+    c.close()
+    assert refused(d.uri, "!hello") is False  # still serving
+    log = (d.vol / "server.log").read_text()
+    assert "Traceback" not in log and "refused export" in log
+
+
+def _hello_json(u: str) -> dict:
+    try:
+        return json.loads(_hello(u))
+    except nbd.Error:
+        return {}
+
+
 def test_two_runs_at_once_one_is_refused_at_once_the_other_waits(pair, procs):
     p, d = pair
     write_blocks(p.uri, {20 * MiB: os.urandom(8 * MiB)})
@@ -358,7 +436,7 @@ def test_a_commit_of_a_partial_transfer_is_refused_by_the_dr(pair):
 
 def test_dr_retention_is_the_drs_own(make_server):
     p = make_server("prim", size="64M")
-    d = make_server("dr", size="64M", serve_args=("--keep", "2"))
+    d = make_server("dr", size="64M", serve_args=("--keep", "2", "--keep-min-age", "0"))
     names = []
     for i in range(4):
         write_blocks(p.uri, {i * MiB: bytes([i + 1]) * 4096})
@@ -366,7 +444,7 @@ def test_dr_retention_is_the_drs_own(make_server):
     # --keep 2 at the DR; the primary's --keep-remote 1 is ignored without --allow-remote-prune
     assert [s["name"] for s in snaps(d.vol)] == names[-2:]
     assert "ignored a request to keep 1" in (d.vol / "server.log").read_text()
-    assert "retention (keep 2) deleted snapshot" in (d.vol / "server.log").read_text()
+    assert "retention (keep 2, min age 0 s) deleted snapshot" in (d.vol / "server.log").read_text()
 
 
 def test_a_flood_of_new_snapshots_cannot_push_the_recent_past_out_with_keep_min_age(make_server):
@@ -377,16 +455,23 @@ def test_a_flood_of_new_snapshots_cannot_push_the_recent_past_out_with_keep_min_
     names = [replicate(p.vol, d.uri)["snapshot"] for _ in range(5)]
     assert [s["name"] for s in snaps(d.vol)] == names
     assert "deleted snapshot" not in (d.vol / "server.log").read_text()
+    # the DR admin's own snapshots are never the DR retention's to delete
+    d2 = make_server("dr2", size="64M", serve_args=("--keep", "1", "--keep-min-age", "0"))
+    p2 = make_server("prim2", size="64M")
+    r0 = replicate(p2.vol, d2.uri)["snapshot"]
+    run_blockrep("snapshot", "create", d2.vol, "--name", "admin-own", check=True)
+    last = [replicate(p2.vol, d2.uri)["snapshot"] for _ in range(2)][-1]
+    assert [s["name"] for s in snaps(d2.vol)] == ["admin-own", last] and r0 != last
     r = run_blockrep("serve", p.vol, "--keep-min-age", "soon")
     assert "invalid --keep-min-age" in assert_one_error_line(r)
 
 
 def test_remote_prune_when_the_dr_allows_it_never_below_its_keep(make_server):
     p = make_server("prim", size="64M")
-    d = make_server("dr", size="64M", serve_args=("--keep", "3", "--allow-remote-prune"))
+    d = make_server("dr", size="64M", serve_args=("--keep", "3", "--keep-min-age", "0", "--allow-remote-prune"))
     names = [replicate(p.vol, d.uri, "--keep-remote", "2")["snapshot"] for _ in range(4)]
     assert [s["name"] for s in snaps(d.vol)] == names[-3:]
-    d2 = make_server("dr2", size="64M", serve_args=("--allow-remote-prune",))
+    d2 = make_server("dr2", size="64M", serve_args=("--allow-remote-prune", "--keep-min-age", "0"))
     names = [replicate(p.vol, d2.uri, "--keep-remote", "2")["snapshot"] for _ in range(3)]
     assert [s["name"] for s in snaps(d2.vol)] == names[-2:]
 

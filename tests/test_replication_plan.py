@@ -203,6 +203,8 @@ def test_build_and_parse_round_trip():
     f"!begin?primary=nope&snap={OTHER}&name=n&base=none&token={TOKEN}&force=0",
     "!data?token=short", f"!data?token={TOKEN.upper()}", f"!commit?token={TOKEN}&entries=-1&shift=16&keep=none",
     "!abort", "!" + "x" * 5000, "!changes@", "!hello\0",
+    "!sums:30@", "!sums:12@", "!sums:\u0661\u0666@",  # 1 GiB digests (memory), 4 KiB, Arabic-Indic digits
+    f"!commit?token={TOKEN}&entries=\u00b2&shift=16&keep=none",  # a superscript two is no digit here
 ])
 def test_malformed_commands_are_refused(name):
     with pytest.raises(InvalidArgument):

@@ -1,67 +1,85 @@
 """Ship extents from a source NBD export to a target NBD export, many requests in flight.
 
-Notes on the design (the nbdcopy model: endpoints plus a planner):
-- Endpoints are libnbd connections: the source is the primary's snapshot export (`@NAME`, served
-  by the primary's own server), the target any NBD server. `workers` threads each own one source
-  and one target connection and copy chunks (<= CHUNK bytes) from a shared queue; libnbd releases
-  the GIL while it waits, so the threads overlap network round trips (a 100 Mbit/s link with 20 ms
-  per request needs ~16 requests in flight to fill, perf-baseline.md).
-- Per chunk: block status on the source; holes go as write-zeroes (the target may trim), data is
-  read and, when a base export is given, compared block by block with the base snapshot's bytes:
-  blocks equal to the base are not sent (rewrite suppression), the rest go as writes.
-- Progress is confirmed in order: a chunk counts as done only once every chunk before it is
-  written and a flush on every target connection returned. `done_upto` (bytes of the plan) is
-  persisted by the caller so an interrupted run resumes without re-sending confirmed chunks.
-- A token bucket caps bytes per second across all workers (`rate`).
-- Errors: TransferError, with `transient` telling the caller whether retrying may help.
+Notes on the design (nbdcopy's model, copy/multi-thread-copying.c, in one Python thread):
+- Endpoints are libnbd connections: the source is the primary's snapshot export (`@NAME`), the
+  target any NBD server. A *lane* is one source connection, one target connection and, with
+  rewrite suppression, one connection to the base snapshot. Every lane keeps up to `in_flight`
+  chunks in progress with libnbd's asynchronous API (aio_pread / aio_pwrite / aio_zero /
+  aio_flush); one event loop polls every lane's sockets and moves each chunk along
+  read -> (compare with the base) -> write(s) -> done. The GIL is released while libnbd
+  sends, receives and polls; the Python per request is a few calls.
+- `connections` lanes are opened before any data moves (over a slow link, a handshake made
+  later waits behind the data queued on the link, and the loop with it); each chunk goes to the
+  least busy lane. A target that does not advertise multi-conn (qemu-nbd's default; `nbdkit
+  --filter=multi-conn multi-conn-mode=disable`) gets exactly one lane: a flush on one connection
+  would not cover writes made on another, and such servers may serve one connection at a time.
+  All `in_flight` requests go on that one.
+- Data in flight is also capped in bytes (QUEUE_BYTES across all lanes, like nbdcopy's
+  --queue-size): 4 x 64 x 1 MiB of buffers would be 256 MiB of memory touched for nothing (the
+  request count, not the bytes, is what hides latency; measured, a 64 MiB cap was slower on
+  loopback than 16 MiB). Full-size buffers are reused.
+- The plan is made lazily, on a connection of its own, as lanes have room: block status of the
+  source (nbdio.block_status, bounded requests) cuts each extent into data chunks of at most
+  CHUNK bytes and holes of at most ZERO_CHUNK, sent as write-zeroes (the target may trim) or, if
+  the target cannot zero, as writes of a shared zero buffer. Ascending extents close together
+  (PLAN_SPAN, PLAN_GROUP) share one block status walk: thousands of scattered 4 KiB extents
+  cost a few requests, not one round trip each. Each chunk has a plan offset (bytes
+  of the extents before it): resuming skips the first `resume_from` plan bytes without asking
+  the source about them. plan_chunks() returns the same plan as a list.
+- Rewrite suppression: with a base export, a data chunk is read from the snapshot and from the
+  base; 4 KiB blocks equal in both are not sent (numpy compares them).
+- Progress is confirmed in plan order: a chunk counts as done only once every chunk before it
+  is written and a flush on every target connection, issued after those writes completed,
+  returned (a target that cannot flush writes through). `done_upto` goes to on_progress at most
+  every PROGRESS_SECONDS while it grows and once at the end; the caller persists it so an
+  interrupted run resumes without re-sending confirmed chunks.
+- A rate cap holds each write until the link time of its own bytes has passed (no initial
+  burst); the loop keeps polling meanwhile.
+- Errors: the first failed request, broken connection or stall (no reply for STALL_SECONDS)
+  raises TransferError, transient when a retry may help (nbdio.is_transient / errno_transient);
+  every connection is then closed at once, dropping what was still in flight.
 """
 
 from __future__ import annotations
 
-import queue
+import select
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import nbd
+import numpy as np
 
-from .errors import BlockrepError
+from . import nbdio
+from .nbdio import TransferError, connect
 
-CHUNK = 1 << 20
-BLOCK = 4096
+__all__ = ["CHUNK", "ZERO_CHUNK", "RateLimiter", "Stats", "TransferError", "connect", "copy_extents",
+           "plan_chunks"]
 
+CHUNK = 1 << 20  # bytes of data per read/write request
+ZERO_CHUNK = nbdio.ZERO_STEP  # bytes per write-zeroes request (1 GiB)
+BLOCK = 4096  # granularity of rewrite suppression
+QUEUE_BYTES = 16 << 20  # chunk data in flight across all lanes (base reads add as much again)
+PROGRESS_SECONDS = 2.0  # at most this often: flush every target connection, call on_progress
+STALL_SECONDS = 300.0  # requests in flight and no reply for this long: the link is gone
+PLAN_SPAN = 64 << 20  # nearby extents share one block status walk over at most this span...
+PLAN_GROUP = 256  # ...and at most this many of them
 
-class TransferError(BlockrepError):
-    """The copy failed; `transient` (link loss, server gone) means a retry may succeed."""
-
-    def __init__(self, msg: str, transient: bool = True):
-        super().__init__(msg)
-        self.transient = transient
-
-
-def connect(uri: str, export: str | None = None) -> nbd.NBD:
-    """A libnbd connection to uri, or to another export of the same server."""
-    h = nbd.NBD()
-    h.set_uri_allow_local_file(True)  # tls-psk-file= in nbds:// URIs
-    h.set_full_info(True)  # ask for the export description (how a blockrep DR is recognised)
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    try:
-        if export is None:
-            h.connect_uri(uri)
-        else:
-            h.set_opt_mode(True)
-            h.connect_uri(uri)
-            h.set_export_name(export)
-            h.opt_go()
-    except nbd.Error as e:
-        where = f"{uri}" + (f" (export {export!r})" if export is not None else "")
-        raise TransferError(f"cannot connect to {where}: {e.string}") from None
-    return h
+_ZEROES = memoryview(bytes(CHUNK))  # the payload of zero chunks for targets that cannot zero
+_POLLIN = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
+_EVENTS = {nbd.AIO_DIRECTION_READ: select.POLLIN, nbd.AIO_DIRECTION_WRITE: select.POLLOUT,
+           nbd.AIO_DIRECTION_BOTH: select.POLLIN | select.POLLOUT}
+# command kinds, for completions and error messages
+_READ, _BASE_READ, _WRITE, _ZERO, _FLUSH = range(5)
+_WHAT = ("read from the source", "read from the base snapshot", "write to the target",
+         "write-zeroes to the target", "flush of the target")
 
 
 class RateLimiter:
-    """Paces writes so that the bytes released by time T never exceed rate x T: each caller waits
+    """Paces writes so that the bytes released by time T never exceed rate x T: each write waits
     until the link time of its own bytes has passed (no initial burst of a whole chunk, which on
     a slow link would saturate it for seconds)."""
 
@@ -70,24 +88,28 @@ class RateLimiter:
         self.lock = threading.Lock()
         self.next = time.monotonic()
 
-    def take(self, n: int) -> None:
+    def reserve(self, n: int) -> float:
+        """Book n bytes on the link; returns the monotonic time at which they may be sent."""
         if not self.rate:
-            return
+            return 0.0
         with self.lock:
-            now = time.monotonic()
-            self.next = max(now, self.next) + n / self.rate
-            until = self.next
-        if until > now:
-            time.sleep(until - now)
+            self.next = max(time.monotonic(), self.next) + n / self.rate
+            return self.next
+
+    def take(self, n: int) -> None:
+        """reserve(n), then sleep until then."""
+        delay = self.reserve(n) - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
 
 @dataclass
 class Stats:
-    bytes_sent: int = 0      # payload written to the target
-    bytes_zeroed: int = 0    # ranges sent as write-zeroes
+    bytes_sent: int = 0      # data written to the target
+    bytes_zeroed: int = 0    # ranges sent as write-zeroes (or as written zero buffers)
     bytes_skipped: int = 0   # equal to the base: not sent
     bytes_done: int = 0      # plan bytes handled
-    extents: int = 0
+    extents: int = 0         # chunks handled
     started: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict:
@@ -96,205 +118,370 @@ class Stats:
                 "seconds": round(time.monotonic() - self.started, 3)}
 
 
-ZERO_CHUNK = 1 << 30  # a hole is sent as write-zeroes commands of up to 1 GiB
-
-
-def plan_chunks(src, extents: list[tuple[int, int]], start: int = 0) -> list[tuple[int, int, int, bool]]:
-    """Cut extents into (plan_offset, offset, length, is_zero) chunks: data in pieces of at most
-    CHUNK bytes, holes (block status of the source) in pieces of at most ZERO_CHUNK. plan_offset
-    counts bytes of the plan, for resuming; the first `start` plan bytes are skipped."""
-    out, pos = [], 0
+def _plan(src: nbd.NBD, extents: Iterable[tuple[int, int]], start: int) -> Iterator[tuple[int, int, int, bool]]:
+    pos = 0
+    group: list[tuple[int, int, int]] = []  # (plan offset, offset, length), ascending, one block status
     for off, length in extents:
-        o = off
-        for ext_len, flags in _block_status(src, off, length):
-            zero = bool(flags & nbd.STATE_ZERO)
+        if pos + length <= start:
+            pos += length  # before the resume point: not even block status is needed
+            continue
+        skip = max(0, start - pos)
+        item = (pos + skip, off + skip, length - skip)
+        pos += length
+        if group and (item[1] < group[-1][1] + group[-1][2] or len(group) >= PLAN_GROUP
+                      or item[1] + item[2] - group[0][1] > PLAN_SPAN):
+            yield from _cut(src, group)
+            group = []
+        group.append(item)
+    if group:
+        yield from _cut(src, group)
+
+
+def _cut(src: nbd.NBD, group: list[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, bool]]:
+    """Chunks of a group of ascending extents, from one block status walk over their span
+    (requests of at most STATUS_STEP, made as the walk goes)."""
+    first = group[0][1]
+    runs = nbdio.block_status(src, first, group[-1][1] + group[-1][2] - first)
+    r_off, r_len, zero = next(runs)
+    for pos, o, length in group:
+        end = o + length
+        while o < end:
+            while r_off + r_len <= o:
+                r_off, r_len, zero = next(runs)
+            stop = min(end, r_off + r_len)
             step = ZERO_CHUNK if zero else CHUNK
-            end = o + ext_len
-            while o < end:
-                n = min(step, end - o)
-                if pos + n > start:
-                    out.append((pos, o, n, zero))
+            while o < stop:
+                n = min(step, stop - o)
+                yield pos, o, n, zero
                 pos += n
                 o += n
-    return out
+
+
+def plan_chunks(src: nbd.NBD, extents: list[tuple[int, int]], start: int = 0) -> list[tuple[int, int, int, bool]]:
+    """Cut extents into (plan_offset, offset, length, is_zero) chunks: data in pieces of at most
+    CHUNK bytes, holes (block status of the source) in pieces of at most ZERO_CHUNK. plan_offset
+    counts bytes of the extents; the first `start` plan bytes are left out (a chunk across
+    `start` begins there)."""
+    return list(_plan(src, extents, start))
+
+
+def _split_zeroes(chunks: Iterator[tuple[int, int, int, bool]]) -> Iterator[tuple[int, int, int, bool]]:
+    """Holes in CHUNK pieces, for a target that cannot zero: one written zero buffer each."""
+    for p, o, n, zero in chunks:
+        if not zero or n <= CHUNK:
+            yield p, o, n, zero
+            continue
+        for i in range(0, n, CHUNK):
+            yield p + i, o + i, min(CHUNK, n - i), True
+
+
+def _differing_runs(data: memoryview, base: memoryview) -> list[tuple[int, int]]:
+    """(offset, length) runs of BLOCK-sized blocks (the last may be short) where data != base."""
+    n = len(data)
+    full = n // BLOCK
+    d = np.frombuffer(data, np.uint64, full * BLOCK // 8)
+    b = np.frombuffer(base, np.uint64, full * BLOCK // 8)
+    differs = (d != b).reshape(full, BLOCK // 8).any(axis=1)
+    if n % BLOCK:
+        differs = np.append(differs, data[full * BLOCK:] != base[full * BLOCK:])
+    if not differs.any():
+        return []
+    if differs.all():
+        return [(0, n)]
+    edges = np.flatnonzero(np.diff(differs.astype(np.int8), prepend=0, append=0)) * BLOCK
+    starts, ends = edges[0::2], np.minimum(edges[1::2], n)
+    return list(zip(starts.tolist(), (ends - starts).tolist(), strict=True))
+
+
+def _completed(out: deque, chunk, kind: int, err) -> int:
+    out.append((chunk, kind, err.value))
+    return 1  # retire the command
+
+
+class _Lane:
+    __slots__ = ("src", "dst", "base", "busy", "can_flush")
+
+    def __init__(self, src, dst, base):
+        self.src, self.dst, self.base = src, dst, base
+        self.busy = 0  # chunks in progress
+        self.can_flush = dst.can_flush()
+
+
+def _busy(lane: _Lane) -> int:
+    return lane.busy
+
+
+class _Chunk:
+    __slots__ = ("plan_off", "off", "n", "zero", "lane", "buf", "base", "waiting", "writing", "sent")
+
+    def __init__(self, plan_off, off, n, zero, lane):
+        self.plan_off, self.off, self.n, self.zero, self.lane = plan_off, off, n, zero, lane
+        self.buf = self.base = None
+        self.waiting = 0  # commands of the current phase still in flight
+        self.writing = zero
+        self.sent = 0
+
+
+class _Copy:
+    """One copy_extents call: the lanes, the plan being consumed, the chunks in flight."""
+
+    def __init__(self, source_uri, source_export, target_uri, target_export, base_export, connections,
+                 in_flight, rate, on_progress):
+        self.source = (source_uri, source_export)
+        self.target = (target_uri, target_export)
+        self.base_export = base_export
+        self.max_lanes = max(1, connections)
+        self.in_flight = max(1, in_flight)
+        self.limiter = RateLimiter(rate)
+        self.on_progress = on_progress
+        self.stats = Stats()
+        self.lanes: list[_Lane] = []
+        self.can_zero = False  # the target's, learnt on the first connection
+        self.conns: list[nbd.NBD] = []  # every connection opened, to close at the end
+        self.poller = select.poll()
+        self.by_fd: dict[int, list] = {}  # fd -> [handle, events registered, server's name]
+        self.completions: deque = deque()
+        self.held: deque = deque()  # (release time, chunk, view, offset): writes the rate holds back
+        self.pool: list[bytearray] = []  # CHUNK-sized buffers to reuse
+        self.queued = 0  # data bytes of chunks in progress
+        self.active = 0  # chunks in progress
+        self.finished: dict[int, int] = {}  # plan offset -> end, chunks done beyond the frontier
+        self.flushes = 0  # flushes in flight
+        self.flush_mark = -1  # the frontier when the flush round in flight began
+        self.wire = 0  # commands sent and not yet answered
+        self.last_reply = time.monotonic()
+
+    # -- connections
+
+    def _open(self, uri, export, meta=False) -> nbd.NBD:
+        h = connect(uri, export, meta=meta)
+        self.conns.append(h)
+        return h
+
+    def add_lane(self) -> _Lane:
+        dst = self._open(*self.target)
+        if not self.lanes:
+            self.can_zero = dst.can_zero()
+            if not dst.can_multi_conn():
+                self.max_lanes = 1
+        src = self._open(*self.source)
+        base = self._open(self.source[0], self.base_export) if self.base_export else None
+        lane = _Lane(src, dst, base)
+        for h, (uri, export) in ((src, self.source), (dst, self.target), (base, (self.source[0], self.base_export))):
+            if h is not None:
+                self.by_fd[h.aio_get_fd()] = [h, 0, uri + (f" (export {export!r})" if export else "")]
+        self.lanes.append(lane)
+        return lane
+
+    def close(self, ok: bool) -> None:
+        for h in self.conns:
+            (nbdio.close if ok else nbdio.abandon)(h)
+        self.conns.clear()
+
+    # -- requests
+
+    def start(self, lane: _Lane, plan_off: int, off: int, n: int, zero: bool) -> None:
+        c = _Chunk(plan_off, off, n, zero, lane)
+        lane.busy += 1
+        self.active += 1
+        if zero:
+            c.waiting = 1
+            if self.can_zero:
+                lane.dst.aio_zero(n, off, partial(_completed, self.completions, c, _ZERO))
+                self.wire += 1
+            else:
+                self.send(c, _ZEROES[:n], off)
+            return
+        self.queued += n
+        c.buf = self.buffer(n)
+        c.waiting = 1
+        lane.src.aio_pread(c.buf, off, partial(_completed, self.completions, c, _READ))
+        self.wire += 1
+        if lane.base is not None:
+            c.base = self.buffer(n)
+            c.waiting = 2
+            lane.base.aio_pread(c.base, off, partial(_completed, self.completions, c, _BASE_READ))
+            self.wire += 1
+
+    def buffer(self, n: int) -> memoryview:
+        if n == CHUNK and self.pool:
+            return memoryview(self.pool.pop())
+        return memoryview(bytearray(CHUNK) if n == CHUNK else bytearray(n))
+
+    def release(self, view: memoryview) -> None:
+        if len(view) == CHUNK:
+            self.pool.append(view.obj)
+
+    def send(self, c: _Chunk, view: memoryview, off: int) -> None:
+        if self.limiter.rate:
+            at = self.limiter.reserve(len(view))
+            if at > time.monotonic() or self.held:
+                self.held.append((at, c, view, off))
+                return
+        c.lane.dst.aio_pwrite(view, off, partial(_completed, self.completions, c, _WRITE))
+        self.wire += 1
+
+    def release_held(self, now: float) -> None:
+        """Send the writes the rate held back whose time has come."""
+        held = self.held
+        while held and held[0][0] <= now:
+            _, c, view, off = held.popleft()
+            c.lane.dst.aio_pwrite(view, off, partial(_completed, self.completions, c, _WRITE))
+            self.wire += 1
+
+    def process(self) -> None:
+        comp = self.completions
+        while comp:
+            c, kind, err = comp.popleft()
+            self.wire -= 1
+            if err:
+                where = f" at offset {c.off} ({c.n} bytes)" if c is not None else ""
+                raise nbdio.errno_error(_WHAT[kind] + where, err)
+            if c is None:
+                self.flushes -= 1
+                continue
+            c.waiting -= 1
+            if c.waiting:
+                continue
+            if not c.writing:
+                c.writing = True
+                if c.base is not None:
+                    runs = _differing_runs(c.buf, c.base)
+                    self.release(c.base)
+                    c.base = None
+                else:
+                    runs = [(0, c.n)]
+                c.waiting = len(runs)
+                for r_off, r_len in runs:
+                    c.sent += r_len
+                    self.send(c, c.buf[r_off:r_off + r_len], c.off + r_off)
+                if runs:
+                    continue
+            self.finish(c)
+
+    def finish(self, c: _Chunk) -> None:
+        st = self.stats
+        c.lane.busy -= 1
+        self.active -= 1
+        if c.zero:
+            st.bytes_zeroed += c.n
+        else:
+            self.release(c.buf)
+            self.queued -= c.n
+            st.bytes_sent += c.sent
+            st.bytes_skipped += c.n - c.sent
+        st.bytes_done += c.n
+        st.extents += 1
+        self.finished[c.plan_off] = c.plan_off + c.n
+
+    def flush_all(self) -> None:
+        """Begin a flush round covering every chunk done so far (self.frontier)."""
+        self.flush_mark = self.frontier
+        for lane in self.lanes:
+            if lane.can_flush:
+                lane.dst.aio_flush(partial(_completed, self.completions, None, _FLUSH))
+                self.flushes += 1
+                self.wire += 1
+
+    # -- the event loop
+
+    def wait(self, timeout: float) -> None:
+        """Poll every connection until one is ready or timeout seconds pass, let libnbd move the
+        ready ones along, then act on the commands that completed."""
+        poller, by_fd = self.poller, self.by_fd
+        for fd, entry in by_fd.items():
+            events = _EVENTS.get(entry[0].aio_get_direction() & nbd.AIO_DIRECTION_BOTH, select.POLLIN)
+            if events != entry[1]:
+                poller.register(fd, events)
+                entry[1] = events
+        ready = poller.poll(max(0, timeout) * 1000)
+        for fd, ev in ready:
+            h = by_fd[fd][0]
+            if ev & _POLLIN:
+                h.aio_notify_read()
+            elif ev & select.POLLOUT:
+                h.aio_notify_write()
+            if h.aio_is_dead() or h.aio_is_closed():  # the server hung up with nothing in flight
+                raise TransferError(f"{by_fd[fd][2]} closed the connection", transient=True)
+        if self.completions:
+            self.last_reply = time.monotonic()
+            self.process()
+
+    def run(self, chunks: Iterator[tuple[int, int, int, bool]], resume_from: int) -> Stats:
+        self.add_lane()
+        while len(self.lanes) < self.max_lanes:  # all before any data moves: a handshake queued
+            self.add_lane()                      # behind a slow link's data would stall the loop
+        lanes = self.lanes
+        if not self.can_zero:
+            chunks = _split_zeroes(chunks)
+        pending = next(chunks, None)
+        self.frontier = resume_from if pending is None else pending[0]
+        confirmed = resume_from
+        next_progress = time.monotonic() + PROGRESS_SECONDS
+        final = False  # the last flush round has begun
+        on_progress, in_flight = self.on_progress, self.in_flight
+        while True:
+            # start chunks while a lane has room, on the least busy lane
+            while pending is not None:
+                lane = min(lanes, key=_busy)
+                if lane.busy >= in_flight:
+                    break
+                if not pending[3] and self.queued and self.queued + pending[2] > QUEUE_BYTES:
+                    break
+                self.start(lane, *pending)
+                pending = next(chunks, None)
+            while self.frontier in self.finished:
+                self.frontier = self.finished.pop(self.frontier)
+            now = time.monotonic()
+            if self.flushes == 0 and self.flush_mark >= 0:  # a flush round returned
+                if self.flush_mark > confirmed or final:
+                    confirmed = self.flush_mark
+                    if on_progress:
+                        on_progress(self.stats, confirmed)
+                self.flush_mark = -1
+                if final:
+                    return self.stats
+            if self.flushes == 0 and pending is None and self.active == 0:
+                final = True
+                self.flush_all()
+                continue
+            if on_progress and self.flushes == 0 and now >= next_progress and self.frontier > confirmed:
+                next_progress = now + PROGRESS_SECONDS
+                self.flush_all()
+                continue
+            if self.held:
+                self.release_held(now)
+            if self.wire == 0:
+                self.last_reply = now
+            timeout = self.last_reply + STALL_SECONDS - now
+            if timeout <= 0:
+                raise TransferError(f"no reply from the servers for {STALL_SECONDS:.0f} s", transient=True)
+            if self.held:
+                timeout = min(timeout, self.held[0][0] - now)
+            if on_progress and self.flushes == 0 and self.frontier > confirmed:
+                timeout = min(timeout, next_progress - now)
+            self.wait(timeout)
 
 
 def copy_extents(source_uri: str, source_export: str, target_uri: str, target_export: str | None,
-                 extents: list[tuple[int, int]], *, base_export: str | None = None, workers: int = 8,
-                 rate: float | None = None, resume_from: int = 0,
+                 extents: list[tuple[int, int]], *, base_export: str | None = None, connections: int = 4,
+                 in_flight: int = 64, rate: float | None = None, resume_from: int = 0,
                  on_progress: Callable[[Stats, int], None] | None = None) -> Stats:
-    """Copy `extents` of the source export to the same offsets of the target. Returns Stats.
-    on_progress(stats, done_upto) is called whenever the confirmed prefix of the plan grows."""
-    planner = connect(source_uri, source_export)
+    """Copy `extents` of the source export to the same offsets of the target; returns Stats.
+    Up to `connections` lanes (one if the target lacks multi-conn), `in_flight` chunks in
+    progress on each. With base_export, 4 KiB blocks equal to the base's are not sent.
+    on_progress(stats, done_upto) is called whenever the confirmed prefix of the plan grows
+    (at most every PROGRESS_SECONDS) and once at the end."""
+    copy = _Copy(source_uri, source_export, target_uri, target_export, base_export, connections, in_flight,
+                 rate, on_progress)
+    planner = None
+    ok = False
     try:
-        chunks = plan_chunks(planner, extents, resume_from)
+        planner = copy._open(source_uri, source_export, meta=True)
+        stats = copy.run(_plan(planner, extents, resume_from), resume_from)
+        ok = True
+        return stats
     except nbd.Error as e:
-        raise TransferError(f"cannot read the block status of {source_export!r}: {e.string}") from None
+        raise nbdio.error(f"copy from {source_uri} ({source_export!r}) to {target_uri}", e) from None
     finally:
-        _close(planner)
-    # A target that does not advertise multi-conn may serve one connection at a time (qemu-nbd's
-    # default --shared=1 does): the other workers' connections would wait forever. Use one there.
-    probe = connect(target_uri, target_export)
-    try:
-        if not probe.can_multi_conn():
-            workers = 1
-    finally:
-        _close(probe)
-    stats = Stats()
-    limiter = RateLimiter(rate)
-    work: queue.Queue = queue.Queue()
-    for c in chunks:
-        work.put(c)
-    done: dict[int, int] = {}  # plan_offset -> length, finished but not yet confirmed
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    conns = []
-
-    def worker() -> None:
-        try:
-            src = connect(source_uri, source_export)
-            dst = connect(target_uri, target_export)
-            base = connect(source_uri, base_export) if base_export else None
-        except BaseException as e:
-            errors.append(e)
-            stop.set()
-            return
-        conns.append(dst)
-        can_zero = dst.can_zero()
-        off = 0
-        try:
-            while not stop.is_set():
-                try:
-                    plan_off, off, n, zero = work.get_nowait()
-                except queue.Empty:
-                    break
-                sent = zeroed = skipped = 0
-                if zero:
-                    if can_zero:
-                        dst.zero(n, off)
-                    else:
-                        for o in range(off, off + n, CHUNK):
-                            dst.pwrite(bytes(min(CHUNK, off + n - o)), o)
-                    zeroed = n
-                else:
-                    data = src.pread(n, off)
-                    runs = [(0, n)]
-                    if base is not None:
-                        runs = _differing_runs(data, base.pread(n, off))
-                        skipped = n - sum(r[1] for r in runs)
-                    for r_off, r_len in runs:
-                        limiter.take(r_len)
-                        dst.pwrite(data[r_off:r_off + r_len], off + r_off)
-                        sent += r_len
-                with lock:
-                    stats.bytes_sent += sent
-                    stats.bytes_zeroed += zeroed
-                    stats.bytes_skipped += skipped
-                    stats.extents += 1
-                    stats.bytes_done += n
-                    done[plan_off] = n
-        except nbd.Error as e:
-            errors.append(TransferError(f"transfer failed at offset {off}: {e.string}"))
-            stop.set()
-        except BaseException as e:
-            errors.append(e)
-            stop.set()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, min(workers, len(chunks) or 1)))]
-    for t in threads:
-        t.start()
-    confirmed = resume_from
-    last_confirm = time.monotonic()
-    try:
-        while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(0.2)
-            if on_progress and time.monotonic() - last_confirm > 5 and not errors:
-                try:
-                    confirmed = _confirm(conns, done, confirmed, lock)
-                except TransferError as e:  # the target went away: stop the workers, report it
-                    errors.append(e)
-                    stop.set()
-                    continue
-                on_progress(stats, confirmed)
-                last_confirm = time.monotonic()
-        if errors:
-            first = errors[0]
-            raise first if isinstance(first, BlockrepError) else TransferError(str(first))
-        confirmed = _confirm(conns, done, confirmed, lock)
-        if on_progress:
-            on_progress(stats, confirmed)
-    finally:
-        for c in conns:
-            _close(c)
-    return stats
-
-
-def _confirm(conns, done: dict[int, int], confirmed: int, lock) -> int:
-    """Flush every target connection, then advance the confirmed prefix over finished chunks.
-    A target that cannot flush (e.g. nbd-server without `flush = true`) writes through: its
-    completed writes are as durable as they will get."""
-    with lock:
-        snapshot = dict(done)
-    try:
-        for c in list(conns):
-            if c.can_flush():
-                c.flush()
-    except nbd.Error as e:
-        raise TransferError(f"flush failed: {e.string}") from None
-    while confirmed in snapshot:
-        n = snapshot[confirmed]
-        with lock:
-            done.pop(confirmed, None)
-        confirmed += n
-    return confirmed
-
-
-def _close(h) -> None:
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
-
-
-def _block_status(h, off: int, n: int) -> list[tuple[int, int]]:
-    """(length, flags) covering [off, off+n) on the source, coalesced."""
-    out: list[tuple[int, int]] = []
-    pos = off
-    while pos < off + n:
-        got: list[tuple[int, int]] = []
-
-        def cb(metacontext, offset, entries, err, got=got):
-            if metacontext == nbd.CONTEXT_BASE_ALLOCATION:
-                got.extend((entries[i], entries[i + 1]) for i in range(0, len(entries), 2))
-            return 0
-        h.block_status(off + n - pos, pos, cb)
-        if not got:
-            got = [(off + n - pos, 0)]
-        for length, flags in got:
-            length = min(length, off + n - pos)
-            if length <= 0:
-                break
-            f = flags & nbd.STATE_ZERO
-            if out and out[-1][1] == f:
-                out[-1] = (out[-1][0] + length, f)
-            else:
-                out.append((length, f))
-            pos += length
-            if pos >= off + n:
-                break
-    return out
-
-
-def _differing_runs(data: bytes, base: bytes) -> list[tuple[int, int]]:
-    """(offset, length) runs of 4 KiB blocks where data differs from base."""
-    runs: list[tuple[int, int]] = []
-    mv, bv = memoryview(data), memoryview(base)
-    for o in range(0, len(data), BLOCK):
-        if mv[o:o + BLOCK] != bv[o:o + BLOCK]:
-            if runs and runs[-1][0] + runs[-1][1] == o:
-                runs[-1] = (runs[-1][0], runs[-1][1] + min(BLOCK, len(data) - o))
-            else:
-                runs.append((o, min(BLOCK, len(data) - o)))
-    return runs
+        copy.close(ok)

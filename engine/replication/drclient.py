@@ -46,8 +46,13 @@ class Session:
     def __init__(self, uri: str, *, primary: str, snap: str, name: str, base: str | None, token: str,
                  force: bool):
         self.uri, self.token = uri, token
-        self.h = connect(uri, P.build("begin", primary=primary, snap=snap, name=name, base=base,
-                                      token=token, force=force), meta=False)
+        try:
+            self.h = connect(uri, P.build("begin", primary=primary, snap=snap, name=name, base=base,
+                                          token=token, force=force), meta=False)
+        except TransferError as e:
+            # NBD carries no reason text: the DR logged it (server.log); say what we know
+            raise TransferError(f"the DR refused to begin the transfer of {name} (its server.log says why; "
+                                f"another transfer may be running): {e}", transient=False) from None
         try:
             self.reply = json.loads(read_all(self.h))
         except (ValueError, TransferError):

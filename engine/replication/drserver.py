@@ -131,9 +131,9 @@ class Manifest(Handle):
         buf[:] = data + bytes(len(buf) - len(data))
 
     def pwrite(self, buf, offset: int) -> None:
-        assert self.transfer is not None
-        if not self.transfer.writable:
-            raise Refused("the transfer is being committed or was replaced", _errno.EPERM)
+        # the plugin brackets this call with transfer.enter()/leave()
+        if offset + len(buf) > P.MANIFEST_MAX:
+            raise Refused("the manifest is at most 1 GiB", _errno.ENOSPC)
         os.pwrite(self.fd, buf, offset)
 
     def close(self) -> None:
@@ -197,10 +197,38 @@ def _chunks_of_extents(extents: list[tuple[int, int]], shift: int) -> np.ndarray
 # ---------------------------------------------------------------- the DR server
 
 class Transfer:
+    """An open transfer. Writes through its handles run between enter() and leave(); close_writes()
+    stops new ones and waits for those in flight, so a commit verifies a head nobody is writing."""
+
     def __init__(self, rec: dict):
         self.rec = rec  # persisted part (dr.json "transfer")
         self.live = 0  # open begin connections
         self.writable = True
+        self.inflight = 0
+        self.cond = threading.Condition()
+
+    def enter(self) -> bool:
+        with self.cond:
+            if not self.writable:
+                return False
+            self.inflight += 1
+            return True
+
+    def leave(self) -> None:
+        with self.cond:
+            self.inflight -= 1
+            if not self.inflight:
+                self.cond.notify_all()
+
+    def close_writes(self) -> None:
+        with self.cond:
+            self.writable = False
+            while self.inflight:
+                self.cond.wait()
+
+    def open_writes(self) -> None:
+        with self.cond:
+            self.writable = True
 
     def matches(self, token: str) -> bool:
         return self.rec["token_sha256"] == hashlib.sha256(token.encode()).hexdigest()
@@ -210,7 +238,7 @@ class DRServer:
     """The DR commands of one served volume. `peer()` describes the current client for logs."""
 
     def __init__(self, vol: Volume, *, keep: int | None = None, allow_remote_prune: bool = False,
-                 keep_min_age: int = 0, peer=lambda: "unknown"):
+                 keep_min_age: int = 86400, peer=lambda: "unknown"):
         self.vol, self.keep, self.allow_remote_prune, self.peer = vol, keep, allow_remote_prune, peer
         self.keep_min_age = keep_min_age
         self.lock = threading.RLock()
@@ -255,14 +283,19 @@ class DRServer:
 
     # ---- open
     def open_head(self, readonly: bool) -> Handle:
+        if readonly or self.bound:  # no lock: a long commit must not hold up readers of the head
+            return Head(self.vol, False, self)
         with self.lock:
-            writable = not readonly and not self.bound
+            writable = not self.bound
             if writable:
                 self.rw_heads += 1
             return Head(self.vol, writable, self)
 
     def open_snapshot(self, name: str) -> Handle:
-        return Snap(self.vol, self.vol.snapshot(validate_snapshot_name(name))["id"])
+        try:
+            return Snap(self.vol, self.vol.snapshot(validate_snapshot_name(name))["id"])
+        except BlockrepError as e:
+            self.refuse(f"export @{name[:70]!r}", str(e), e.errno)
 
     def open_command(self, name: str, readonly: bool) -> Handle:
         try:
@@ -271,12 +304,15 @@ class DRServer:
             self.refuse(f"export {name[:80]!r}", str(e), _errno.EINVAL)
         if cmd.verb == "hello":
             return Blob(json.dumps(self.hello()).encode())
-        if cmd.verb == "sums":
-            map_id = self.vol.snapshot(cmd.snapshot)["id"] if cmd.snapshot else 0
-            return Sums(self.vol, map_id, cmd.shift)
-        if cmd.verb == "changes":
-            ext = self.vol.diff_ids(self.vol.snapshot(cmd.snapshot or "")["id"], 0)
-            return Blob(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in ext))
+        try:
+            if cmd.verb == "sums":
+                map_id = self.vol.snapshot(cmd.snapshot)["id"] if cmd.snapshot else 0
+                return Sums(self.vol, map_id, cmd.shift)
+            if cmd.verb == "changes":
+                ext = self.vol.diff_ids(self.vol.snapshot(cmd.snapshot or "")["id"], 0)
+                return Blob(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in ext))
+        except BlockrepError as e:
+            self.refuse(name[:80], str(e), e.errno)
         if readonly and cmd.verb in ("data", "manifest"):
             self.refuse(cmd.verb, "this export changes the volume: open it read-write", _errno.EROFS)
         return getattr(self, "cmd_" + cmd.verb)(**cmd.args)
@@ -342,7 +378,7 @@ class DRServer:
                 self.refuse(what, f"another transfer is in progress (snapshot {t.rec['name']}, since "
                             f"{t.rec['started']}, from {t.rec['peer']})", _errno.EBUSY)
             elif t is not None:
-                t.writable = False  # its connections may not write any more
+                t.close_writes()  # its connections may not write any more
                 self.audit(f"replaces the interrupted transfer of {t.rec['name']} by {what}")
             if bound != primary:
                 if bound:
@@ -357,7 +393,7 @@ class DRServer:
                                           "started": _now(), "peer": self.peer()})
                 (vol.path / MANIFEST).unlink(missing_ok=True)
             self.transfer.live += 1
-            self.transfer.writable = True
+            self.transfer.open_writes()
             self._save()
             self.audit(("resumed " if resumed else "") + what)
             reply = {"resumed": resumed, "volume": vol.params.uuid}
@@ -374,7 +410,7 @@ class DRServer:
     def cmd_abort(self, token) -> Handle:
         with self.lock:
             t = self._active(token, "abort")
-            t.writable = False
+            t.close_writes()
             self.transfer = None
             self._save()
             self.audit(f"aborted the transfer of {t.rec['name']}")
@@ -384,15 +420,16 @@ class DRServer:
         with self.lock:
             t = self._active(token, "commit")
             what = f"commit of {t.rec['name']} ({t.rec['snap']})"
-            t.writable = False
+            t.close_writes()  # no write of this transfer is in flight from here on
             try:
                 self.vol.flush()
                 bad = self._verify(t, entries, shift)
-            except BlockrepError:
-                t.writable = True
-                raise
+            except (BlockrepError, OSError) as e:
+                t.open_writes()
+                self.refuse(what, f"verification failed: {e}; nothing committed", getattr(e, "errno", None)
+                            or _errno.EIO)
             if bad:
-                t.writable = True
+                t.open_writes()
                 self.refuse(what, f"verification failed: {len(bad)} chunk(s) of the head differ from the "
                             f"manifest or are missing from it, first at offset {bad[0] << shift}; "
                             "nothing committed", _errno.EIO)
@@ -412,6 +449,8 @@ class DRServer:
         """Chunk indices whose head digest differs from the manifest (REPLICATION.md §3)."""
         vol = self.vol
         nch = P.nchunks(vol.size, shift)
+        if entries > nch:
+            raise InvalidArgument(f"the manifest claims {entries} entries, the volume has {nch} chunks")
         raw = b""
         if entries:
             fd = os.open(vol.path / MANIFEST, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -457,16 +496,30 @@ class DRServer:
                 self.audit(f"ignored a request to keep {keep_request} snapshot(s)")
         if not keep:
             return [], note
-        snaps = self.vol.snapshots()
-        # --keep-min-age: nothing younger is pruned, however many snapshots arrive (a key holder
-        # who floods the DR with new snapshots cannot push the recent past out)
-        cutoff = _dt.datetime.now(_dt.UTC) - _dt.timedelta(seconds=self.keep_min_age)
-        doomed = [s["name"] for s in snaps[: max(0, len(snaps) - max(keep, 1))]
-                  if _dt.datetime.fromisoformat(s["created"].replace("Z", "+00:00")) <= cutoff]
-        for n in doomed:
-            self.vol.snapshot_delete(n)
-            self.audit(f"retention (keep {keep}) deleted snapshot {n}")
-        return doomed, note
+        doomed = self.prune_plan(self.vol.snapshots(), keep, _dt.datetime.now(_dt.UTC))
+        for s in doomed:
+            self.vol.snapshot_delete(s["name"])
+            self.state["snapshots"].pop(s["uuid"], None)
+            self.audit(f"retention (keep {keep}, min age {self.keep_min_age} s) deleted snapshot {s['name']}")
+        if doomed:
+            self._save()
+        return [s["name"] for s in doomed], note
+
+    def prune_plan(self, snaps: list[dict], keep: int, now: _dt.datetime) -> list[dict]:
+        """The DR's retention: only snapshots a transfer committed are candidates (the DR admin's
+        own are never touched); every one younger than keep_min_age (by the DR's own commit clock)
+        is kept, and of the older ones the newest `keep`. So a flood of new snapshots cannot push
+        anything younger than keep_min_age out, and the newest `keep` older ones stay too."""
+        origins = self.state["snapshots"]
+        cutoff = now - _dt.timedelta(seconds=self.keep_min_age)
+        old = []
+        for s in snaps:
+            if not s.get("flags", 0) & FLAG_REPLICATED:
+                continue
+            at = (origins.get(s["uuid"]) or {}).get("committed_at") or s["created"]
+            if _dt.datetime.fromisoformat(at.replace("Z", "+00:00")) <= cutoff:
+                old.append(s)
+        return old[: max(0, len(old) - max(keep, 1))]
 
 
 def errno_of(e: BaseException) -> int:

@@ -43,10 +43,11 @@ class TransferError(BlockrepError):
 
 def is_transient(e: nbd.Error) -> bool:
     """Whether a libnbd error may go away on retry. (`e.errno` is the errno's name, e.g. "EPERM";
-    `e.errnum` the number.) A request on a connection that already died fails with EINVAL and
-    "invalid state: DEAD": the connection was lost, so that one is transient."""
+    `e.errnum` the number.) A request on a connection that already died or was closed by the
+    server fails with EINVAL and "invalid state: DEAD" or "... is invalid in state CLOSED": the
+    connection was lost, so those are transient."""
     text = (e.string or "").lower()
-    if "invalid state" in text:
+    if "invalid state" in text or "invalid in state" in text:
         return True
     if e.errnum in PERMANENT:
         return False

@@ -20,7 +20,7 @@ PROTOCOL = 1
 SUM_BYTES = 16
 DELTA_SHIFT = 16  # incremental manifests and delta checks: 64 KiB chunks (scattered deltas stay cheap)
 FULL_SHIFT = 20  # seed, rebase and verify: 1 MiB chunks
-MIN_SHIFT, MAX_SHIFT = 12, 30
+MIN_SHIFT, MAX_SHIFT = DELTA_SHIFT, FULL_SHIFT  # a digest covers at most 1 MiB: bounded memory per read
 ENTRY = 24  # manifest entry: chunk index u64 LE + digest
 MANIFEST_MAX = 1 << 30
 MAX_NAME = 4096  # NBD's limit on export names
@@ -85,7 +85,7 @@ def _flag_arg(v: str | None) -> bool:
 
 def _int_arg(lo: int, hi: int):
     def conv(v: str | None) -> int:
-        if v is None or not v.isdigit() or len(v) > 20 or not lo <= int(v) <= hi:
+        if v is None or not (v.isascii() and v.isdigit()) or len(v) > 20 or not lo <= int(v) <= hi:
             raise InvalidArgument(f"number out of range {lo}..{hi}: {v!r}")
         return int(v)
     return conv
@@ -113,13 +113,13 @@ def parse(name: str) -> Command:
     body = name[1:]
     if body == "hello":
         return Command("hello")
-    m = re.fullmatch(r"sums:(\d{1,2})@([A-Za-z0-9._-]{0,64})", body)
+    m = re.fullmatch(r"sums:([0-9]{1,2})@([A-Za-z0-9._-]{0,64})", body, re.ASCII)
     if m:
         shift = int(m.group(1))
         if not MIN_SHIFT <= shift <= MAX_SHIFT:
             raise InvalidArgument(f"checksum chunk 2^{shift} out of range")
         return Command("sums", m.group(2) or None, shift)
-    m = re.fullmatch(r"changes@([A-Za-z0-9._-]{1,64})", body)
+    m = re.fullmatch(r"changes@([A-Za-z0-9._-]{1,64})", body, re.ASCII)
     if m:
         return Command("changes", m.group(1))
     verb, sep, query = body.partition("?")

@@ -36,7 +36,7 @@ from . import checksums as C
 from . import drclient, plan, state
 from . import protocol as P
 from .copy import copy_extents
-from .nbdio import TransferError
+from .nbdio import TransferError, connection, pread
 
 FINGERPRINT_CHUNKS = 8
 
@@ -117,8 +117,11 @@ class SourceSums(threading.Thread):
 class Run:
     """One replicate run (the lock is held by the caller)."""
 
-    def __init__(self, vol: Path, to: str, *, rate, full, force, retries, progress, connections, in_flight):
+    def __init__(self, vol: Path, to: str, *, rate, full, force, retries, progress, connections, in_flight,
+                 wait=False):
         self.vol, self.to, self.rate, self.full, self.force = vol, to, rate, full, force
+        self.wait = wait
+        self.dr_lock: state.RunLock | None = None
         self.retries, self.show_progress = retries, progress
         self.connections, self.in_flight = connections, in_flight
         self.params = read_params(vol)
@@ -141,8 +144,31 @@ class Run:
         dr = None
         if is_br:
             dr = drclient.hello(self.to)
+            # one run per DR volume too, whatever URI spelling reaches it
+            self.dr_lock = state.RunLock(self.vol, f"blockrep DR volume {dr['volume']}")
+            self.dr_lock.acquire(wait=self.wait)
+            if self.wait:  # the DR may have moved on while we waited
+                dr = drclient.hello(self.to)
             plan.check_target(self.params.uuid, dr, force=self.force)
         return info, dr
+
+    def looks_like_our_head(self, src: str, snap: dict) -> bool:
+        """True when a plain target reads like this volume's own live head where the head differs
+        from the snapshot: the target is this volume seen through a proxy (qemu-nbd, nbd-server…),
+        and shipping the snapshot would revert the head's newer writes."""
+        changed = run_op(self.vol, "changes_since", since=snap["name"])
+        blocks = [e["offset"] for e in changed[:: max(1, len(changed) // 8)][:8]]
+        if not blocks:
+            return False
+        try:
+            with connection(src) as head, connection(src, "@" + snap["name"]) as old, connection(self.to) as tgt:
+                for o in blocks:
+                    h = pread(head, 4096, o)
+                    if h == pread(old, 4096, o) or pread(tgt, 4096, o) != h:
+                        return False
+        except TransferError:
+            return False
+        return True
 
     def fingerprint_ok(self, record: dict) -> bool:
         fp = record.get("fingerprint") or {}
@@ -174,6 +200,10 @@ class Run:
             if dr is not None:
                 p = plan.for_blockrep(snaps, snap, self.params.uuid, dr, full=self.full, force=self.force)
             else:
+                if not self.force and self.looks_like_our_head(src, snap):
+                    raise plan.Conflict(f"the target {self.to} reads like this volume's own live export (a proxy "
+                                        f"of it?): shipping {snap['name']} there would revert newer writes; "
+                                        "--force if it is not")
                 p = plan.for_plain(snaps, snap, record, record.get("snapshot_uuid") is not None
                                    and self.fingerprint_ok(record), full=self.full)
             self.info.update(mode=p.mode, base=p.base and p.base["name"])
@@ -304,7 +334,7 @@ class Run:
             pos = C.differing(mine, theirs)
             if not len(pos):
                 break
-            bad = C.positions_to_chunks(runs or [(0, P.nchunks(size, shift))], pos)
+            bad = C.positions_to_chunks(runs if runs is not None else [(0, P.nchunks(size, shift))], pos)
             if attempt == 1:
                 raise TransferError(f"replication of {snap['name']} to {self.to}: the DR copy of {len(bad)} "
                                     "chunk(s) still differs after sending them again; DR snapshot not committed",
@@ -312,7 +342,7 @@ class Run:
             st = copy_extents(src, "@" + snap["name"], self.to, session.data_export, C.coalesce(bad, shift, size),
                               rate=self.rate, connections=self.connections, in_flight=self.in_flight)
             sent["bytes_sent"] += st.bytes_sent
-        idx = C.indices_of_runs(runs or [(0, P.nchunks(size, shift))])
+        idx = C.indices_of_runs(runs if runs is not None else [(0, P.nchunks(size, shift))])
         digs = np.frombuffer(mine, dtype="V16")
         keep = np.ones(len(idx), dtype=bool)
         if shift == P.FULL_SHIFT:  # seed/rebase manifests list data chunks only (REPLICATION.md §3)
@@ -347,7 +377,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
     lock = state.RunLock(vol, to)
     lock.acquire(wait=wait)
     run = Run(vol, to, rate=rate, full=full, force=force, retries=retries, progress=progress,
-              connections=connections, in_flight=in_flight)
+              connections=connections, in_flight=in_flight, wait=wait)
     started = state.now()
     try:
         res = run.run(snapshot, keep_local=keep_local, keep_remote=keep_remote, freeze=freeze, pre=pre, post=post)
@@ -363,4 +393,6 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
                              last_error=str(e))
         raise
     finally:
+        if run.dr_lock is not None:
+            run.dr_lock.release()
         lock.release()

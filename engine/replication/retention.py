@@ -2,8 +2,9 @@
 replication records, unit-tested without servers (tests/test_retention.py).
 
 Kept unless forced: the newest common base of every target that replicated successfully within
-BASE_WINDOW, and every snapshot `replicate` made (flag FLAG_REPLICATE) that is newer than such a
-base (that target has not received it yet). zrepl calls these keep-not-replicated.
+BASE_WINDOW, every snapshot `replicate` made (flag FLAG_REPLICATE) that is newer than such a
+base (that target has not received it yet; zrepl calls these keep-not-replicated), and the
+snapshot a run is shipping (or an interrupted run will resume).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def protected(snapshots: list[dict], targets: dict[str, dict], now: _dt.datetime
     pos = {s["uuid"]: i for i, s in enumerate(snapshots)}
     why: dict[str, str] = {}
     for uri, t in sorted(targets.items()):
+        moving = (t.get("in_progress") or {}).get("snapshot_uuid")
+        if moving in pos:  # being shipped, or interrupted: the next run resumes it
+            why.setdefault(snapshots[pos[moving]]["name"], f"being replicated to {uri}")
         at = _parse(t.get("replicated_at"))
         base = t.get("snapshot_uuid")
         if base not in pos or at is None or now - at > BASE_WINDOW:

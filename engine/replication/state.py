@@ -52,9 +52,12 @@ def load(vol: Path) -> dict:
     except ValueError as e:
         raise BlockrepError(f"{vol / FILE} is damaged ({e}); move it away to start replication records anew") from None
     if not isinstance(raw, dict):
-        return _empty()
+        raise BlockrepError(f"{vol / FILE} is not a replication record; move it away to start anew")
     if raw.get("version") == VERSION and isinstance(raw.get("targets"), dict):
         return raw
+    if "version" in raw:  # a newer (or broken) format: never read it as "no targets"
+        raise BlockrepError(f"{vol / FILE} has replication record version {raw.get('version')!r}; this "
+                            f"blockrep reads version {VERSION} (use the blockrep that wrote it)")
     # version 1: {uri: {"snapshot": name, ...}}: keep what is useful for status, no identity
     out = _empty()
     for uri, t in raw.items():

@@ -71,7 +71,8 @@ def verify(volume: str, snapshot: str, against: str, quick: bool = False) -> dic
     with source_server(vol) as src:
         mine = C.blockrep_sums(src, snapshot, P.FULL_SHIFT, runs, size)
     pos = C.differing(mine, theirs)
-    bad = C.coalesce(C.positions_to_chunks(runs or [(0, P.nchunks(size, P.FULL_SHIFT))], pos), P.FULL_SHIFT, size)
+    all_runs = runs if runs is not None else [(0, P.nchunks(size, P.FULL_SHIFT))]
+    bad = C.coalesce(C.positions_to_chunks(all_runs, pos), P.FULL_SHIFT, size)
     compared = sum(c for _, c in runs) if runs is not None else P.nchunks(size, P.FULL_SHIFT)
     res = {"snapshot": snapshot, "uuid": snap["uuid"], "against": against, "identical": not bad and not error,
            "differing": [{"offset": o, "length": n} for o, n in bad], "chunks_compared": compared,
