@@ -225,8 +225,9 @@ class _Chunk:
 class _Copy:
     """One copy_extents call: the lanes, the plan being consumed, the chunks in flight."""
 
-    def __init__(self, source_uri, source_export, target_uri, target_export, base_export, connections,
-                 in_flight, rate, on_progress):
+    def __init__(self, source_uri: str, source_export: str | None, target_uri: str, target_export: str | None,
+                 base_export: str | None, connections: int, in_flight: int, rate: float | None,
+                 on_progress: Callable[[Stats, int], None] | None) -> None:
         self.source = (source_uri, source_export)
         self.target = (target_uri, target_export)
         self.base_export = base_export
@@ -242,7 +243,7 @@ class _Copy:
         self.by_fd: dict[int, list] = {}  # fd -> [handle, events registered, server's name]
         self.completions: deque = deque()
         self.held: deque = deque()  # (release time, chunk, view, offset): writes the rate holds back
-        self.pool: list[bytearray] = []  # CHUNK-sized buffers to reuse
+        self.pool: list[memoryview] = []  # CHUNK-sized buffers to reuse
         self.queued = 0  # data bytes of chunks in progress
         self.active = 0  # chunks in progress
         self.finished: dict[int, int] = {}  # plan offset -> end, chunks done beyond the frontier
@@ -305,12 +306,12 @@ class _Copy:
 
     def buffer(self, n: int) -> memoryview:
         if n == CHUNK and self.pool:
-            return memoryview(self.pool.pop())
-        return memoryview(bytearray(CHUNK) if n == CHUNK else bytearray(n))
+            return self.pool.pop()
+        return memoryview(bytearray(n))
 
     def release(self, view: memoryview) -> None:
         if len(view) == CHUNK:
-            self.pool.append(view.obj)
+            self.pool.append(view)
 
     def send(self, c: _Chunk, view: memoryview, off: int) -> None:
         if self.limiter.rate:
