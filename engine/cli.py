@@ -179,7 +179,7 @@ def cmd_replicate(a) -> int:
         validate_snapshot_name(a.snapshot)
         if a.freeze or a.pre or a.post:
             raise InvalidArgument("--freeze/--pre/--post apply to the snapshot replicate takes: drop --snapshot")
-    if a.connections < 1 or a.in_flight < 1:
+    if (a.connections is not None and a.connections < 1) or a.in_flight < 1:
         raise InvalidArgument("--connections and --in-flight must be at least 1")
     try:
         res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
@@ -341,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--freeze", metavar="MOUNTPOINT", action="append", help="fsfreeze around the snapshot")
     rp.add_argument("--pre", metavar="CMD", action="append", help="run before the snapshot; failure refuses it")
     rp.add_argument("--post", metavar="CMD", action="append", help="run after the snapshot, always")
-    rp.add_argument("--connections", type=int, default=4, help="connections to the target (default 4)")
+    rp.add_argument("--connections", type=int,
+                    help="connections to the target (default: 4 on a Unix socket, 1 over TCP, measured best "
+                         "on a 100 Mbit/s link; one without multi-conn always gets 1)")
     rp.add_argument("--in-flight", type=int, default=64, help="requests in flight per connection (default 64)")
 
     vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)

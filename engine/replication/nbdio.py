@@ -75,19 +75,25 @@ def connect(uri: str, export: str | None = None, *, meta: bool = True) -> nbd.NB
     h.set_full_info(True)  # ask for the export description (how a blockrep DR is recognised)
     if meta:
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    where = f"{uri}" + (f" (export {export!r})" if export is not None else "")
     try:
-        if export is None:
-            h.connect_uri(uri)
-        else:
+        if export is not None:
             h.set_opt_mode(True)
-            h.connect_uri(uri)
+        h.connect_uri(uri)
+    except nbd.Error as e:
+        # the socket could not be reached (a server restarting: its Unix socket may be missing
+        # for a moment, ENOENT) may come back; the caller's first contact (probe) decides that
+        # an unreachable target is not worth a minute of retries
+        socket_level = "connect:" in (e.string or "")
+        raise TransferError(f"cannot connect to {where}: {e.string}",
+                            transient=socket_level or is_transient(e)) from None
+    if export is not None:
+        try:
             h.set_export_name(export)
             h.opt_go()
-    except nbd.Error as e:
-        where = f"{uri}" + (f" (export {export!r})" if export is not None else "")
-        # refused at open (a DR command the server turned down) is the server's final word
-        raise TransferError(f"cannot connect to {where}: {e.string}",
-                            transient=export is None and is_transient(e)) from None
+        except nbd.Error as e:
+            # refused at open (a DR command the server turned down) is the server's final word
+            raise TransferError(f"cannot connect to {where}: {e.string}", transient=False) from None
     return h
 
 

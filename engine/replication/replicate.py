@@ -268,9 +268,11 @@ class Run:
                                        base=p.base["uuid"] if p.base else None, token=token, force=self.force)
         try:
             target_export = session.data_export if session else None
-            # with a blockrep DR every touched chunk is checked afterwards, so suppression is always
-            # safe there; a plain target only while its head is known to hold the base
-            suppress = p.mode == "incremental" and (dr is not None or record.get("head_uuid") == base_uuid)
+            # Suppression skips blocks equal to the base: only while the target head holds the base
+            # (a blockrep DR that changed nothing since it, a plain target whose record says so).
+            # A blockrep DR's digests would catch a wrong skip anyway, at the price of a resend.
+            suppress = p.mode == "incremental" and (not dirty if dr is not None
+                                                    else record.get("head_uuid") == base_uuid)
             runs = None if shift == P.FULL_SHIFT else C.runs_of(C.chunks_of(extents, shift))
             mine = SourceSums(src, snap["name"], shift, runs, size) if dr is not None else None
             sent = self.copy(src, snap, target_export, extents, resume, suppress and p.base, show, in_progress)
@@ -367,13 +369,16 @@ class Run:
 def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int | None = None,
               keep_remote: int | None = None, rate: float | None = None, full: bool = False,
               force: bool = False, wait: bool = False, freeze=None, pre=None, post=None,
-              retries: int = 6, progress: bool = False, connections: int = 4, in_flight: int = 64) -> dict:
+              retries: int = 6, progress: bool = False, connections: int | None = None,
+              in_flight: int = 64) -> dict:
     """Run one replication; every outcome is recorded in VOL/replication.json. On failure the
     raised error carries `.details` (snapshot, mode, base) for `--json`."""
     vol = Path(volume).resolve()
     read_params(vol)
     if not any(to.startswith(s) for s in ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
         raise InvalidArgument(f"invalid target {to!r}: use nbd://host[:port]/, nbds://… or nbd+unix:///?socket=PATH")
+    if connections is None:  # one flow fills a link best (bench/README.md, replication (c))
+        connections = 4 if "+unix://" in to else 1
     lock = state.RunLock(vol, to)
     lock.acquire(wait=wait)
     run = Run(vol, to, rate=rate, full=full, force=force, retries=retries, progress=progress,

@@ -97,26 +97,24 @@ def target(vol: Path, uri: str) -> dict:
     return dict(load(vol)["targets"].get(uri) or {})
 
 
+def _apply(t: dict, fields: dict) -> None:
+    """Set fields on a target record; None removes the key."""
+    for k, v in fields.items():
+        if v is None:
+            t.pop(k, None)
+        else:
+            t[k] = v
+
+
 def set_target(vol: Path, uri: str, **fields) -> None:
-    def fn(st):
-        t = st["targets"].setdefault(uri, {})
-        for k, v in fields.items():
-            if v is None:
-                t.pop(k, None)
-            else:
-                t[k] = v
-    update(vol, fn)
+    update(vol, lambda st: _apply(st["targets"].setdefault(uri, {}), fields))
 
 
 def record_run(vol: Path, uri: str, run: dict, **fields) -> None:
     """Append a run (success or failure) to the target's history and set last_success/failure."""
     def fn(st):
         t = st["targets"].setdefault(uri, {})
-        for k, v in fields.items():
-            if v is None:
-                t.pop(k, None)
-            else:
-                t[k] = v
+        _apply(t, fields)
         t.setdefault("runs", []).append(run)
         del t["runs"][:-KEEP_RUNS]
         t["last_success" if run.get("result") == "ok" else "last_failure"] = run
