@@ -328,23 +328,12 @@ class Run:
                 resume = int(state.target(self.vol, self.to).get("in_progress", {}).get("done_upto", resume))
 
     def check_and_commit(self, src, snap, session, mine: bytes, shift: int, runs, keep_remote, sent) -> dict:
-        """Compare the DR head's digests of every touched chunk with the primary's, resend what
-        differs once, then send the manifest and commit (the DR verifies it again itself)."""
+        """Send the manifest and commit: the DR verifies every touched chunk itself. If it refuses,
+        find the chunks that differ (digests of both sides: only digests cross), resend them once
+        and commit again; a second refusal fails the run with nothing committed."""
         size = self.params.size
-        for attempt in range(2):
-            theirs = C.blockrep_sums(self.to, None, shift, runs, size)
-            pos = C.differing(mine, theirs)
-            if not len(pos):
-                break
-            bad = C.positions_to_chunks(runs if runs is not None else [(0, P.nchunks(size, shift))], pos)
-            if attempt == 1:
-                raise TransferError(f"replication of {snap['name']} to {self.to}: the DR copy of {len(bad)} "
-                                    "chunk(s) still differs after sending them again; DR snapshot not committed",
-                                    transient=False)
-            st = copy_extents(src, "@" + snap["name"], self.to, session.data_export, C.coalesce(bad, shift, size),
-                              rate=self.rate, connections=self.connections, in_flight=self.in_flight)
-            sent["bytes_sent"] += st.bytes_sent
-        idx = C.indices_of_runs(runs if runs is not None else [(0, P.nchunks(size, shift))])
+        all_runs = runs if runs is not None else [(0, P.nchunks(size, shift))]
+        idx = C.indices_of_runs(all_runs)
         digs = np.frombuffer(mine, dtype="V16")
         keep = np.ones(len(idx), dtype=bool)
         if shift == P.FULL_SHIFT:  # seed/rebase manifests list data chunks only (REPLICATION.md §3)
@@ -355,7 +344,25 @@ class Run:
         man = np.empty(int(keep.sum()), dtype=np.dtype([("idx", "<u8"), ("d", "V16")]))
         man["idx"], man["d"] = idx[keep], digs[keep]
         session.write_manifest(man.tobytes())
-        return session.commit(len(man), shift, keep_remote)
+        try:
+            return session.commit(len(man), shift, keep_remote)
+        except TransferError as refused:
+            first = refused
+        pos = C.differing(mine, C.blockrep_sums(self.to, None, shift, runs, size))
+        if not len(pos):
+            raise TransferError(f"the DR refused the commit of {snap['name']} although its digests match "
+                                f"(its server.log says why): {first}", transient=False)
+        bad = C.positions_to_chunks(all_runs, pos)
+        self.info["resent_chunks"] = len(bad)
+        st = copy_extents(src, "@" + snap["name"], self.to, session.data_export, C.coalesce(bad, shift, size),
+                          rate=self.rate, connections=self.connections, in_flight=self.in_flight)
+        sent["bytes_sent"] += st.bytes_sent
+        try:
+            return session.commit(len(man), shift, keep_remote)
+        except TransferError:
+            raise TransferError(f"replication of {snap['name']} to {self.to}: the DR copy of {len(bad)} chunk(s) "
+                                "differed and the DR still refused the commit after they were sent again; "
+                                "DR snapshot not committed", transient=False) from None
 
     def fingerprint(self, src: str, snap: dict, extents) -> dict:
         """Digests of a few chunks this run shipped, to notice later changes at a plain target."""
