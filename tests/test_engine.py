@@ -421,7 +421,7 @@ def test_given_snapshot_uuid_is_kept_and_found(vol):
     s = vol.snapshot_create("mine", uuid=str(u).upper(), flags=5)
     assert s["uuid"] == str(u)  # canonical: lowercase, hyphenated
     assert vol.snapshot_by_uuid(str(u)) == s
-    assert vol.snapshot_by_uuid("{%s}" % str(u).upper()) == s
+    assert vol.snapshot_by_uuid("{" + str(u).upper() + "}") == s
     with pytest.raises(NotFound, match="no snapshot with uuid"):
         vol.snapshot_by_uuid(str(uuid.uuid4()))
     with pytest.raises(InvalidArgument, match="invalid snapshot uuid"):
