@@ -142,6 +142,7 @@ class Run:
             raise InvalidArgument(f"target {self.to} is smaller ({info['size']} bytes) than the volume "
                                   f"({self.params.size})")
         dr = None
+        self.target_size = info["size"]
         if is_br:
             dr = drclient.hello(self.to)
             # one run per DR volume too, whatever URI spelling reaches it
@@ -173,8 +174,8 @@ class Run:
     def fingerprint_ok(self, record: dict) -> bool:
         fp = record.get("fingerprint") or {}
         chunks = fp.get("chunks") or []
-        if fp.get("size") is None:
-            return False
+        if fp.get("size") is None or fp.get("target_size", self.target_size) != self.target_size:
+            return False  # a resized (or replaced) target
         try:
             runs = [(i, 1) for i, _ in chunks]
             got = C.nbd_sums(self.to, P.DELTA_SHIFT, self.params.size, runs) if runs else b""
@@ -369,7 +370,7 @@ class Run:
         chunks = C.chunks_of(extents[:64], P.DELTA_SHIFT)
         pick = chunks[:: max(1, len(chunks) // FINGERPRINT_CHUNKS)][:FINGERPRINT_CHUNKS] or [0]
         digests = C.blockrep_sums(src, snap["name"], P.DELTA_SHIFT, [(i, 1) for i in pick], self.params.size)
-        return {"size": self.params.size,
+        return {"size": self.params.size, "target_size": self.target_size,
                 "chunks": [[i, digests[k * 16:(k + 1) * 16].hex()] for k, i in enumerate(pick)]}
 
 
