@@ -253,18 +253,11 @@ class PythonCeiling(Server):
     )
 
     def start(self) -> None:
-        self._spawn(
-            [
-                "nbdkit",
-                "-f",
-                "--exit-with-parent",
-                "-U",
-                str(self.sock),
-                "python",
-                str(BENCH_DIR / "anchor_bytearray_plugin.py"),
-                f"size={EXPORT_SIZE}",
-            ]
-        )
+        self._spawn_plugin(BENCH_DIR / "anchor_bytearray_plugin.py")
+
+    def _spawn_plugin(self, plugin) -> None:
+        self._spawn(["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "python", str(plugin),
+                     f"size={EXPORT_SIZE}"])
 
 
 class QemuNbd(Server):
@@ -444,18 +437,7 @@ class PythonCeilingTM(PythonCeiling):
                 "def thread_model():\n"
                 f"    return nbdkit.THREAD_MODEL_{self.thread_model.upper()}\n"
             )
-        self._spawn(
-            [
-                "nbdkit",
-                "-f",
-                "--exit-with-parent",
-                "-U",
-                str(self.sock),
-                "python",
-                str(plugin),
-                f"size={EXPORT_SIZE}",
-            ]
-        )
+        self._spawn_plugin(plugin)
 
 
 class BlockrepTM(Blockrep):
