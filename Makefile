@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all bootstrap demo test bench build lint clean
+.PHONY: all bootstrap demo test soak-replication bench build lint clean
 
 all: test
 
@@ -15,6 +15,10 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest -q tests
+
+# RELIABILITY R15: 50 SIGKILLs of the replication worker (and 3 of the DR) at random points
+soak-replication: bootstrap
+	BLOCKREP_KILLS=50 $(PY) -m pytest -q -s -rxX tests/test_replication_kills.py
 
 bench: bootstrap
 	bench/run.sh
