@@ -36,10 +36,9 @@ Two ways to restart the worker are tested:
   - "named": the restarted worker names the interrupted snapshot (`--snapshot`, taken from
     `in_progress`) while one is pending, as tests/test_replication.py's resume test does;
   - "bare": exactly `blockrep replicate PRIMARY --to DR --rate 16M --json`, a cron job or a supervisor
-    that knows nothing. Today that run takes a new snapshot, and its transfer (new token, done_upto 0)
-    replaces the interrupted one: nothing confirmed is reused. Marked xfail(strict) on that one
-    failure (NotResumed); any other failure fails, and once the product resumes here it XPASSes,
-    which strict turns into a failure: drop the marker then.
+    that knows nothing: the run first finishes the interrupted transfer (same snapshot, same token,
+    from its confirmed prefix), then takes and ships a new snapshot. A run that started anew
+    instead raises NotResumed.
 """
 
 from __future__ import annotations
@@ -292,10 +291,7 @@ def parse_json(out: str) -> dict | None:
 @pytest.mark.timeout(180 + 25 * KILLS)
 @pytest.mark.parametrize("restart", [
     "named",
-    pytest.param("bare", marks=pytest.mark.xfail(
-        raises=NotResumed, strict=True,
-        reason="product: a bare `replicate` after an interrupted run takes a new snapshot and starts a new "
-               "transfer (new token, done_upto 0) instead of resuming the interrupted one")),
+    "bare",
 ])
 def test_sigkilled_replication_resumes_and_resends_only_what_was_not_confirmed(make_server, procs, tmp_path,
                                                                                restart):
@@ -358,7 +354,7 @@ def _run(p, dr: DR, procs, rnd: random.Random, restart: str, t_start: float) -> 
     pending: tuple[set[str], int] | None = None  # (primary snapshots before the batch, its bytes)
     rounds: list[dict] = []
     plan_total: dict[str, int] = {}  # snapshot -> plan bytes of its transfer
-    kills = dr_kills = stale_in_progress = 0
+    kills = dr_kills = 0
     dr_outcomes: list[str] = []
     phases = {"startup": 0, "copy": 0, "commit": 0, "after commit": 0}
 
@@ -509,8 +505,8 @@ def _run(p, dr: DR, procs, rnd: random.Random, restart: str, t_start: float) -> 
             assert r.returncode == 0 and res.get("already_replicated") and res["bytes_sent"] == 0, r.stdout + r.stderr
             dr.quiet()
             assert dr.written(at, dr.position()) == 0
-            if (in_progress(p.vol, du) or {}).get("snapshot") == name:
-                stale_in_progress += 1  # reported: the record of a committed snapshot stays "in progress"
+            assert (in_progress(p.vol, du) or {}).get("snapshot") != name, \
+                "the record of a committed snapshot stays 'in progress'"
         rounds.append(rec)
         what = (f"DR killed at {rec['t_dr']:.2f} s ({rec['dr_killed_in']}), back after {rec['outage']:.2f} s "
                 f"({rec['dr_outcome']}, "
@@ -577,9 +573,6 @@ def _run(p, dr: DR, procs, rnd: random.Random, restart: str, t_start: float) -> 
           f"{stats / MiB:.1f} MiB = its log {logged / MiB:.1f} MiB); re-sent/dirty ratio {ratio:.3f} "
           f"(bound {bound:.3f}); worst round lost {max(x['lost'] for x in rounds) / MiB:.1f} MiB; "
           f"{seconds:.0f} s")
-    if stale_in_progress:
-        print(f"R15 ({restart}): NOTE {stale_in_progress} time(s) a kill took the acknowledgement of a commit and "
-              "the next run (already replicated) left in_progress naming the committed snapshot")
     assert changed >= BATCH // 2, changed  # the batches were shipped (a vacuous ratio otherwise)
     assert ratio >= 1 - 0.01, f"less written at the DR ({written}) than changed ({changed}): the count is wrong"
     assert ratio <= bound, f"re-sent/dirty ratio {ratio:.3f} above {bound:.3f}"

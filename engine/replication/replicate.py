@@ -189,38 +189,62 @@ class Run:
         info, dr = self.probe()
         vol = self.vol
         with source_server(vol) as src:
+            resumed = None
             if snapshot is None:
+                # an interrupted run is finished first (it resumes where it stopped), then a new
+                # snapshot is taken and shipped on top of it: a killed cron run loses nothing
+                prog = state.target(vol, self.to).get("in_progress") or {}
+                old = next((s for s in run_op(vol, "snapshot_list") if s["uuid"] == prog.get("snapshot_uuid")), None)
+                if old is not None:
+                    resumed = self.ship(src, old, dr, keep_remote)
+                    if dr is not None:
+                        dr = drclient.hello(self.to)
                 with quiesced(freeze=freeze, pre=pre, post=post):
                     snapshot = run_op(vol, "snapshot_create", tag=True)["name"]
-            self.info["snapshot"] = snapshot
-            snaps = run_op(vol, "snapshot_list")
-            snap = next((s for s in snaps if s["name"] == snapshot), None)
+            snap = next((s for s in run_op(vol, "snapshot_list") if s["name"] == snapshot), None)
             if snap is None:
                 raise NotFound(f"no snapshot named {snapshot!r} in {vol}")
-            record = state.target(vol, self.to)
-            if dr is not None:
-                p = plan.for_blockrep(snaps, snap, self.params.uuid, dr, full=self.full, force=self.force)
-            else:
-                if not self.force and self.looks_like_our_head(src, snap):
-                    raise plan.Conflict(f"the target {self.to} reads like this volume's own live export (a proxy "
-                                        f"of it?): shipping {snap['name']} there would revert newer writes; "
-                                        "--force if it is not")
-                p = plan.for_plain(snaps, snap, record, record.get("snapshot_uuid") is not None
-                                   and self.fingerprint_ok(record), full=self.full)
-            self.info.update(mode=p.mode, base=p.base and p.base["name"])
-            if p.mode == "done":
-                state.set_target(vol, self.to, kind="blockrep" if dr else "nbd", snapshot=snap["name"],
-                                 snapshot_uuid=snap["uuid"],
-                                 replicated_at=record.get("replicated_at") or state.now())
-                return {"snapshot": snap["name"], "uuid": snap["uuid"], "base": None, "mode": "none",
-                        "already_replicated": True, "bytes_sent": 0, "extents": 0,
-                        "seconds": round(time.monotonic() - t0, 3), "target": self.to}
-            result = self.transfer(src, snap, p, dr, record, keep_remote)
+            result = self.ship(src, snap, dr, keep_remote)
+        if resumed is not None:
+            result["resumed_first"] = {k: resumed.get(k) for k in ("snapshot", "mode", "bytes_sent", "resumed_from")}
+            result["bytes_sent"] += resumed["bytes_sent"]
         result["seconds"] = round(time.monotonic() - t0, 3)
         if keep_local is not None:
             res = run_op(vol, "snapshot_prune", keep=keep_local, only_tagged=True)
             result["pruned_local"], result["kept_local"] = res["deleted"], res["kept"]
         return result
+
+    def ship(self, src: str, snap: dict, dr: dict | None, keep_remote) -> dict:
+        """Plan and ship one snapshot (or find it already there)."""
+        t0 = time.monotonic()
+        vol = self.vol
+        snaps = run_op(vol, "snapshot_list")
+        self.info.update(snapshot=snap["name"], mode=None, base=None)
+        record = state.target(vol, self.to)
+        if dr is not None:
+            p = plan.for_blockrep(snaps, snap, self.params.uuid, dr, full=self.full, force=self.force)
+        else:
+            if not self.force and self.looks_like_our_head(src, snap):
+                raise plan.Conflict(f"the target {self.to} reads like this volume's own live export (a proxy "
+                                    f"of it?): shipping {snap['name']} there would revert newer writes; "
+                                    "--force if it is not")
+            p = plan.for_plain(snaps, snap, record, record.get("snapshot_uuid") is not None
+                               and self.fingerprint_ok(record), full=self.full)
+        self.info.update(mode=p.mode, base=p.base and p.base["name"])
+        if p.mode == "done":
+            order = [s["uuid"] for s in snaps]
+            fields: dict = {"kind": "blockrep" if dr else "nbd"}
+            if (record.get("in_progress") or {}).get("snapshot_uuid") == snap["uuid"]:
+                fields["in_progress"] = None  # a run killed after the DR committed: it is there
+            known = record.get("snapshot_uuid")
+            if known not in order or order.index(known) < order.index(snap["uuid"]):  # never go back
+                fields.update(snapshot=snap["name"], snapshot_uuid=snap["uuid"],
+                              replicated_at=record.get("replicated_at") or state.now())
+            state.set_target(vol, self.to, **fields)
+            return {"snapshot": snap["name"], "uuid": snap["uuid"], "base": None, "mode": "none",
+                    "already_replicated": True, "bytes_sent": 0, "extents": 0,
+                    "seconds": round(time.monotonic() - t0, 3), "target": self.to}
+        return self.transfer(src, snap, p, dr, record, keep_remote)
 
     def extents_for(self, src: str, snap: dict, p: plan.Plan, dr: dict | None, progress: dict | None):
         """(extents to ship, DR-side changes merged in) for the plan."""
@@ -344,10 +368,12 @@ class Run:
                 keep[-1] = digs[-1] != np.frombuffer(P.zero_sum(size - (last << shift)), dtype="V16")[0]
         man = np.empty(int(keep.sum()), dtype=np.dtype([("idx", "<u8"), ("d", "V16")]))
         man["idx"], man["d"] = idx[keep], digs[keep]
-        session.write_manifest(man.tobytes())
         try:
-            return session.commit(len(man), shift, keep_remote)
+            return self._retrying(lambda: (session.write_manifest(man.tobytes()),
+                                           session.commit(len(man), shift, keep_remote))[1], "commit")
         except TransferError as refused:
+            if refused.transient:
+                raise
             first = refused
         pos = C.differing(mine, C.blockrep_sums(self.to, None, shift, runs, size))
         if not len(pos):
@@ -359,11 +385,24 @@ class Run:
                           rate=self.rate, connections=self.connections, in_flight=self.in_flight)
         sent["bytes_sent"] += st.bytes_sent
         try:
-            return session.commit(len(man), shift, keep_remote)
+            return self._retrying(lambda: session.commit(len(man), shift, keep_remote), "commit")
         except TransferError:
             raise TransferError(f"replication of {snap['name']} to {self.to}: the DR copy of {len(bad)} chunk(s) "
                                 "differed and the DR still refused the commit after they were sent again; "
                                 "DR snapshot not committed", transient=False) from None
+
+    def _retrying(self, fn, what: str):
+        """fn(), retried with backoff while it fails transiently (the DR restarting)."""
+        for attempt in range(1, self.retries + 2):
+            try:
+                return fn()
+            except TransferError as e:
+                if not e.transient or attempt > self.retries:
+                    raise
+                wait = min(30, 2 ** (attempt - 1))
+                state.set_target(self.vol, self.to, last_error=f"retrying the {what} (attempt {attempt + 1}): {e}")
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def fingerprint(self, src: str, snap: dict, extents) -> dict:
         """Digests of a few chunks this run shipped, to notice later changes at a plain target."""
