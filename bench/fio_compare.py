@@ -638,27 +638,33 @@ def bench_server(
         )
 
 
+def _report_head(title: str, meta: dict) -> list[str]:
+    """The first lines of a report: what ran, where, with which tools."""
+    return [f"# {title}, {meta['timestamp']}", "", f"- command: `{meta['command']}`", f"- host: {meta['host']}",
+            f"- tools: {meta['tools']}", f"- blockrep: {meta['blockrep']}"]
+
+
 def prepare(server: Server, tests: list[Test], args, extra: list[str]) -> None:
     """Prefill (if a read test is selected, or before preconditioning), then precondition."""
     out = server.dir / "fio.json"
-    if any(t.reads for t in tests) or args.precondition:
-        prefill = Test("prefill-1M", "write", "1M", 16)
+
+    def run(test: Test, what: str) -> tuple[Result, float]:
         t0 = time.monotonic()
-        r = fio(server, prefill, None, out, extra)
+        r = fio(server, test, None, out, extra)
         if r.error:
-            raise ServerError(f"prefill failed: {r.error}")
-        say(f"   prefill: 1 GiB in {time.monotonic() - t0:.1f} s ({r.mibs:.0f} MiB/s)")
+            raise ServerError(f"{what} failed: {r.error}")
+        return r, time.monotonic() - t0
+
+    if any(t.reads for t in tests) or args.precondition:
+        r, dt = run(Test("prefill-1M", "write", "1M", 16), "prefill")
+        say(f"   prefill: 1 GiB in {dt:.1f} s ({r.mibs:.0f} MiB/s)")
     if args.precondition:
         # Steady state, as SNIA's performance test spec asks of any storage under test: one
         # random overwrite pass of the whole export, for every server alike. A log-structured
         # store reaches its steady state (live data, collector, recycled segment files) only
         # after overwrites; an in-place store is unaffected.
-        pre = Test("precondition-64k", "randwrite", "64k", 16)
-        t0 = time.monotonic()
-        r = fio(server, pre, None, out, extra)
-        if r.error:
-            raise ServerError(f"preconditioning failed: {r.error}")
-        say(f"   precondition: 1 GiB random overwrite in {time.monotonic() - t0:.1f} s")
+        _, dt = run(Test("precondition-64k", "randwrite", "64k", 16), "preconditioning")
+        say(f"   precondition: 1 GiB random overwrite in {dt:.1f} s")
 
 
 def bench_thread_models(
@@ -728,11 +734,7 @@ def tm_report(
     """The --thread-models report: IOPS per variant and test, ratios to the ceiling (the anchor
     bytearray plugin under SERIALIZE_ALL_REQUESTS, 1 connection) and 2 connections / 1."""
     base = "ceiling:serialize_all_requests"
-    L = [f"# blockrep thread models, fio comparison, {meta['timestamp']}", ""]
-    L.append(f"- command: `{meta['command']}`")
-    L.append(f"- host: {meta['host']}")
-    L.append(f"- tools: {meta['tools']}")
-    L.append(f"- blockrep: {meta['blockrep']}")
+    L = _report_head("blockrep thread models, fio comparison", meta)
     L.append(
         f"- fio: `--ioengine=nbd --uri=nbd+unix:///?socket=SOCK --time_based "
         f"--runtime={args.runtime}`, 1 GiB exports prefilled and preconditioned once; "
@@ -852,13 +854,7 @@ def report(
     notes: list[str],
     start_errors: dict[str, str],
 ) -> str:
-    L: list[str] = []
-    L.append(f"# blockrep fio comparison, {meta['timestamp']}")
-    L.append("")
-    L.append(f"- command: `{meta['command']}`")
-    L.append(f"- host: {meta['host']}")
-    L.append(f"- tools: {meta['tools']}")
-    L.append(f"- blockrep: {meta['blockrep']}")
+    L = _report_head("blockrep fio comparison", meta)
     L.append(
         f"- fio: `--ioengine=nbd --uri=nbd+unix:///?socket=SOCK --time_based "
         f"--runtime={args.runtime} --lat_percentiles=1`, 1 GiB exports, one server at a time; "
