@@ -66,6 +66,7 @@ typedef struct snap {
 
 struct vol {
     pthread_mutex_t lock;
+    pthread_mutex_t ckpt_lock; /* one checkpoint at a time (taken before lock, never inside it) */
     bm_hooks hooks;           /* keeps segs[].live_blocks = distinct entries referencing each */
     snap *snaps;              /* ordered by gen (creation) */
     uint32_t nsnaps, snaps_cap, next_snap_id;
@@ -1432,10 +1433,23 @@ static void free_clones(vol *v, blockmap **maps, uint32_t n)
     free(maps);
 }
 
+static int checkpoint_serialised(vol *v);
+
+/* Checkpoints drop v->lock while they write checkpoint.tmp (one shared buffer, O_TRUNC): two at
+ * once (the maintain thread and a control-socket flush) would interleave in one file. ckpt_lock
+ * makes them take turns; requests still run beside the one that writes. */
 int vol_checkpoint(vol *v)
 {
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
+    pthread_mutex_lock(&v->ckpt_lock);
+    int r = checkpoint_serialised(v);
+    pthread_mutex_unlock(&v->ckpt_lock);
+    return r;
+}
+
+static int checkpoint_serialised(vol *v)
+{
     /* Under the lock: write out the window, freeze clones of every map (head and snapshots,
      * O(mids) each), note which segments must be synced (those with live data: the clones
      * reference them) and which are already dead (only those may be deleted after the commit:
@@ -2210,6 +2224,7 @@ static void vol_free(vol *v)
     free(v->wbuf);
     free(v->scratch);
     pthread_mutex_destroy(&v->lock);
+    pthread_mutex_destroy(&v->ckpt_lock);
     free(v);
 }
 
@@ -2231,6 +2246,7 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         return NULL;
     }
     pthread_mutex_init(&v->lock, NULL);
+    pthread_mutex_init(&v->ckpt_lock, NULL);
     v->dirfd = v->segdirfd = -1;
     v->p = *p;
     if (!v->p.zstd_level)

@@ -559,3 +559,44 @@ def test_volume_with_96_byte_snap_records_still_opens(tmp_path):
         assert v.read(4096, 0) == b"3" * 4096
     with Volume.open(tmp_path / "old") as v:  # the checkpoint written at close keeps them
         assert _identity(v) == want
+
+
+def test_two_checkpoints_at_once_take_turns_and_the_volume_reopens(tmp_path):
+    """The maintain thread and a control-socket flush may checkpoint at the same moment; both
+    write checkpoint.tmp with the lock dropped: they must not interleave in one file (issue 8)."""
+    import threading
+
+    p = tmp_path / "v"
+    volume.create(p, 64 << 20, segment_size=1 << 20)
+    expect = {}
+    with Volume.open(p) as v:
+        for i in range(64):
+            v.snapshot_create(f"s{i}") if i % 8 == 0 else None
+            data = bytes([i + 1]) * 65536
+            v.write(data, i * 65536 * 3)
+            expect[i * 65536 * 3] = data
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def checkpointer():
+            try:
+                while not stop.is_set():
+                    v.checkpoint()
+            except BaseException as e:  # reported below
+                errors.append(e)
+        threads = [threading.Thread(target=checkpointer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for k in range(200):  # writes between the checkpoints keep the maps changing
+            v.write(bytes([k % 251 + 1]) * 4096, (64 << 20) - 4096 * (k % 64 + 1))
+        stop.set()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for k in range(64):
+            expect[(64 << 20) - 4096 * (k + 1)] = v.read(4096, (64 << 20) - 4096 * (k + 1))
+        v.abandon()  # a crash right after: the last checkpoint must be whole
+    with Volume.open(p, readonly=True) as v:
+        for off, data in expect.items():
+            assert v.read(len(data), off) == data, off
+        assert len(v.snapshots()) == 8
