@@ -3,7 +3,8 @@
  *
  * Notes on the design:
  *  - One mutex per volume. Every public function takes it for its whole duration except
- *    vol_checkpoint (serialises a frozen clone of the map outside it) and vol_gc_segment
+ *    vol_checkpoint (serialises a frozen clone of the map outside it; checkpoints take turns on
+ *    a second mutex, ckpt_lock, taken before the first) and vol_gc_segment
  *    (takes it per record moved). cffi releases the GIL around each call, so background
  *    work (collector, checkpoints) runs beside requests.
  *  - Writes are appended to an in-memory window of the active segment (8 MiB, see flush_wbuf) and reach the file
