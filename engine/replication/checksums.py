@@ -26,13 +26,15 @@ def runs_of(chunks: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
+def chunk_array(extents: list[tuple[int, int]], shift: int) -> np.ndarray:
+    """Sorted unique indices (uint64) of the 2^shift-byte chunks the extents touch."""
+    parts = [np.arange(o >> shift, ((o + n - 1) >> shift) + 1, dtype=np.uint64) for o, n in extents if n]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
 def chunks_of(extents: list[tuple[int, int]], shift: int) -> list[int]:
-    """Sorted indices of the 2^shift-byte chunks the extents touch."""
-    out: set[int] = set()
-    for o, n in extents:
-        if n:
-            out.update(range(o >> shift, ((o + n - 1) >> shift) + 1))
-    return sorted(out)
+    """The same as a list of ints."""
+    return chunk_array(extents, shift).tolist()
 
 
 def blockrep_sums(uri: str, snapshot: str | None, shift: int, runs: list[tuple[int, int]] | None,

@@ -34,6 +34,7 @@ import numpy as np
 from ..errors import AlreadyExists, BlockrepError, CorruptionError, InvalidArgument, NotFound, VolumeBusy
 from ..volume import Volume, validate_snapshot_name
 from . import protocol as P
+from .checksums import chunk_array
 
 log = logging.getLogger("blockrep.dr")
 STATE = "dr.json"
@@ -187,11 +188,6 @@ def digests(vol: Volume, map_id: int, shift: int, first: int, end: int) -> bytes
         data = vol.snapshot_read(map_id, n, (first + k) << shift) if map_id else vol.read(n, (first + k) << shift)
         out[k] = np.frombuffer(P.chunk_sum(data), dtype="V16")[0]
     return out.tobytes()
-
-
-def _chunks_of_extents(extents: list[tuple[int, int]], shift: int) -> np.ndarray:
-    parts = [np.arange(o >> shift, ((o + n - 1) >> shift) + 1, dtype=np.uint64) for o, n in extents if n]
-    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
 # ---------------------------------------------------------------- the DR server
@@ -466,7 +462,7 @@ class DRServer:
             raise InvalidArgument("the manifest is not sorted, has duplicates or reaches beyond the volume")
         if t.rec["base"] is not None:
             base_id = vol.snapshot_by_uuid(t.rec["base"])["id"]
-            changed = _chunks_of_extents(vol.diff_ids(base_id, 0, granularity=4096), shift)
+            changed = chunk_array(vol.diff_ids(base_id, 0, granularity=4096), shift)
             missing = np.setdiff1d(changed, idx)
             if len(missing):  # the head changed where the delta says nothing
                 return [int(x) for x in missing]

@@ -194,17 +194,19 @@ class Run:
                 # an interrupted run is finished first (it resumes where it stopped), then a new
                 # snapshot is taken and shipped on top of it: a killed cron run loses nothing
                 prog = state.target(vol, self.to).get("in_progress") or {}
-                old = next((s for s in run_op(vol, "snapshot_list") if s["uuid"] == prog.get("snapshot_uuid")), None)
+                snaps = run_op(vol, "snapshot_list")
+                old = next((s for s in snaps if s["uuid"] == prog.get("snapshot_uuid")), None)
                 if old is not None:
-                    resumed = self.ship(src, old, dr, keep_remote)
+                    resumed = self.ship(src, old, snaps, dr, keep_remote)
                     if dr is not None:
                         dr = drclient.hello(self.to)
                 with quiesced(freeze=freeze, pre=pre, post=post):
                     snapshot = run_op(vol, "snapshot_create", tag=True)["name"]
-            snap = next((s for s in run_op(vol, "snapshot_list") if s["name"] == snapshot), None)
+            snaps = run_op(vol, "snapshot_list")
+            snap = next((s for s in snaps if s["name"] == snapshot), None)
             if snap is None:
                 raise NotFound(f"no snapshot named {snapshot!r} in {vol}")
-            result = self.ship(src, snap, dr, keep_remote)
+            result = self.ship(src, snap, snaps, dr, keep_remote)
         if resumed is not None:
             result["resumed_first"] = {k: resumed.get(k) for k in ("snapshot", "mode", "bytes_sent", "resumed_from")}
             result["bytes_sent"] += resumed["bytes_sent"]
@@ -214,11 +216,10 @@ class Run:
             result["pruned_local"], result["kept_local"] = res["deleted"], res["kept"]
         return result
 
-    def ship(self, src: str, snap: dict, dr: dict | None, keep_remote) -> dict:
-        """Plan and ship one snapshot (or find it already there)."""
+    def ship(self, src: str, snap: dict, snaps: list[dict], dr: dict | None, keep_remote) -> dict:
+        """Plan and ship one snapshot (or find it already there); snaps: the volume's, oldest first."""
         t0 = time.monotonic()
         vol = self.vol
-        snaps = run_op(vol, "snapshot_list")
         self.info.update(snapshot=snap["name"], mode=None, base=None)
         record = state.target(vol, self.to)
         if dr is not None:
@@ -300,7 +301,7 @@ class Run:
                                                     else record.get("head_uuid") == base_uuid)
             runs = None if shift == P.FULL_SHIFT else C.runs_of(C.chunks_of(extents, shift))
             mine = SourceSums(src, snap["name"], shift, runs, size) if dr is not None else None
-            sent = self.copy(src, snap, target_export, extents, resume, suppress and p.base, show, in_progress)
+            sent = self.copy(src, snap, target_export, extents, suppress and p.base, show, in_progress)
             show.done()
             commit = None
             if session is not None and mine is not None:
@@ -322,35 +323,25 @@ class Run:
             result["keep_remote"] = commit.get("keep_request")
         return result
 
-    def copy(self, src, snap, target_export, extents, resume, base, show, in_progress) -> dict:
-        sent = {"bytes_sent": 0, "bytes_zeroed": 0, "bytes_skipped": 0, "extents": 0}
-
+    def copy(self, src, snap, target_export, extents, base, show, in_progress) -> dict:
+        """Ship the extents, retried from the confirmed prefix (in_progress["done_upto"])."""
         def save_progress(stats, confirmed):
             in_progress["done_upto"] = confirmed
             state.set_target(self.vol, self.to, in_progress=in_progress)
             show(stats, confirmed)
 
-        attempt = 0
-        while True:
-            try:
-                st = copy_extents(src, "@" + snap["name"], self.to, target_export, extents,
-                                  base_export=f"@{base['name']}" if base else None, rate=self.rate,
-                                  resume_from=resume, on_progress=save_progress,
-                                  connections=self.connections, in_flight=self.in_flight)
-                for k in sent:
-                    sent[k] += st.as_dict()[k]
-                return sent
-            except TransferError as e:
-                attempt += 1
-                if not e.transient or attempt > self.retries:
-                    show.done()
-                    raise TransferError(f"replication of {snap['name']} to {self.to} failed after {attempt} "
-                                        f"attempt(s): {e}", transient=e.transient) from None
-                wait = min(30, 2 ** (attempt - 1))
-                show.note(f"retrying in {wait} s (attempt {attempt + 1} of {self.retries + 1}): {e}")
-                state.set_target(self.vol, self.to, last_error=f"retrying (attempt {attempt + 1}): {e}")
-                time.sleep(wait)
-                resume = int(state.target(self.vol, self.to).get("in_progress", {}).get("done_upto", resume))
+        def attempt() -> dict:
+            st = copy_extents(src, "@" + snap["name"], self.to, target_export, extents,
+                              base_export=f"@{base['name']}" if base else None, rate=self.rate,
+                              resume_from=in_progress["done_upto"], on_progress=save_progress,
+                              connections=self.connections, in_flight=self.in_flight)
+            return {k: v for k, v in st.as_dict().items() if k != "seconds"}
+        try:
+            return self._retrying(attempt, "transfer", show)
+        except TransferError as e:
+            show.done()
+            raise TransferError(f"replication of {snap['name']} to {self.to} failed after "
+                                f"{getattr(e, 'attempts', 1)} attempt(s): {e}", transient=e.transient) from None
 
     def check_and_commit(self, src, snap, session, mine: bytes, shift: int, runs, keep_remote, sent) -> dict:
         """Send the manifest and commit: the DR verifies every touched chunk itself. If it refuses,
@@ -391,15 +382,19 @@ class Run:
                                 "differed and the DR still refused the commit after they were sent again; "
                                 "DR snapshot not committed", transient=False) from None
 
-    def _retrying(self, fn, what: str):
-        """fn(), retried with backoff while it fails transiently (the DR restarting)."""
+    def _retrying(self, fn, what: str, show: Progress | None = None):
+        """fn(), retried with backoff (1, 2, 4 … 30 s) while it fails transiently (link loss, the
+        DR restarting); the error that ends it carries `attempts`."""
         for attempt in range(1, self.retries + 2):
             try:
                 return fn()
             except TransferError as e:
                 if not e.transient or attempt > self.retries:
+                    e.attempts = attempt  # type: ignore[attr-defined]
                     raise
                 wait = min(30, 2 ** (attempt - 1))
+                if show is not None:
+                    show.note(f"retrying in {wait} s (attempt {attempt + 1} of {self.retries + 1}): {e}")
                 state.set_target(self.vol, self.to, last_error=f"retrying the {what} (attempt {attempt + 1}): {e}")
                 time.sleep(wait)
         raise AssertionError("unreachable")
