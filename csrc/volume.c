@@ -4,6 +4,7 @@
 #include "volume.h"
 #include "blockmap.h"
 #include "crc32c.h"
+#include "io.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -37,6 +38,7 @@
 #define MAX_REC_BLOCKS 1024u
 #define MAX_COMP_BLOCKS 16u
 #define MAX_TOMB_BLOCKS (1u << 30)
+#define SEG_ID_MAX 0xfffffffull /* 28 bits in a map entry (bm_loc) */
 
 enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5, R_SNAP = 6, R_SNAPDEL = 7 };
 #define SNAP_PAYLOAD 112u
@@ -154,7 +156,7 @@ static int full_pwrite(int fd, const void *buf, size_t len, uint64_t off)
 {
     const uint8_t *p = buf;
     while (len) {
-        ssize_t n = pwrite(fd, p, len, (off_t)off);
+        ssize_t n = io_pwrite(fd, p, len, off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -236,7 +238,7 @@ static void seg_retire(vol *v, uint64_t id, int recycle)
         munmap(s->map, s->map_len);
     if (recycle && v->npool < POOL_MAX) {
         snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)id);
-        if (renameat(v->segdirfd, name, v->segdirfd, fname) == 0) {
+        if (io_renameat(v->segdirfd, name, fname) == 0) {
             v->pool[v->npool].fd = s->fd;
             v->pool[v->npool].old_id = id;
             v->pool[v->npool].size = s->file_size;
@@ -247,7 +249,7 @@ static void seg_retire(vol *v, uint64_t id, int recycle)
         }
     }
     close(s->fd);
-    unlinkat(v->segdirfd, name, 0);
+    (void)io_unlinkat(v->segdirfd, name); /* if it fails, the next open deletes it (unreferenced) */
     *s = (seg_info){.fd = -1};
     v->dir_dirty = 1;
 }
@@ -260,7 +262,7 @@ int vol_pool_trim(vol *v, int keep)
         v->npool--;
         snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)v->pool[v->npool].old_id);
         close(v->pool[v->npool].fd);
-        unlinkat(v->segdirfd, fname, 0);
+        (void)io_unlinkat(v->segdirfd, fname); /* a leftover .free file is deleted at the next open */
         v->dir_dirty = 1;
     }
     pthread_mutex_unlock(&v->lock);
@@ -270,6 +272,9 @@ int vol_pool_trim(vol *v, int keep)
 static int create_segment(vol *v, uint64_t id)
 {
     char name[32];
+    if (id > SEG_ID_MAX) /* a map entry holds 28 bits of segment id (blockmap.h) */
+        return fail(EFBIG, "the log has used every segment id (%llu); copy the volume to a new one",
+                    (unsigned long long)SEG_ID_MAX);
     if (seg_reserve(v, id) < 0)
         return -1;
     seg_name(name, id);
@@ -278,15 +283,15 @@ static int create_segment(vol *v, uint64_t id)
         char fname[32];
         v->npool--;
         snprintf(fname, sizeof fname, "%016llx.free", (unsigned long long)v->pool[v->npool].old_id);
-        if (renameat(v->segdirfd, fname, v->segdirfd, name) == 0) {
+        if (io_renameat(v->segdirfd, fname, name) == 0) {
             fd = v->pool[v->npool].fd;
         } else {
             close(v->pool[v->npool].fd);
-            unlinkat(v->segdirfd, fname, 0);
+            (void)io_unlinkat(v->segdirfd, fname);
         }
     }
-    if (fd < 0)
-        fd = openat(v->segdirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) /* O_NOFOLLOW: a planted symlink is refused, never truncated through */
+        fd = io_openat(v->segdirfd, name, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return fail(errno, "creating segment %s: %s", name, strerror(errno));
     uint8_t h[SEG_HDR] = {0};
@@ -299,7 +304,7 @@ static int create_segment(vol *v, uint64_t id)
     if (full_pwrite(fd, h, SEG_HDR, 0) < 0) {
         int e = errno;
         close(fd);
-        unlinkat(v->segdirfd, name, 0);
+        (void)io_unlinkat(v->segdirfd, name);
         return fail(e, "writing segment header %s: %s", name, strerror(e));
     }
     v->segs[id] = (seg_info){.fd = fd, .needs_sync = 1};
@@ -307,7 +312,7 @@ static int create_segment(vol *v, uint64_t id)
         int e = errno;
         close(fd);
         v->segs[id] = (seg_info){.fd = -1};
-        unlinkat(v->segdirfd, name, 0);
+        (void)io_unlinkat(v->segdirfd, name);
         return fail(e, "mapping segment %s: %s", name, strerror(e));
     }
     v->active = id;
@@ -326,7 +331,11 @@ static int rotate(vol *v)
     seg_info *s = &v->segs[v->active];
     uint64_t old = v->active, old_off = v->active_off, old_base = v->wbase;
     size_t old_len = v->wbuf_len;
-    if (ftruncate(s->fd, (off_t)v->active_off) < 0) { /* only a recycled file's stale tail */ }
+    /* Cut a recycled file's stale tail. Recovery would reject its records (older sequence
+     * numbers), but a failure here means the disk refuses changes: say so and keep appending
+     * to this segment rather than seal it in an unknown state. */
+    if (io_ftruncate(s->fd, v->active_off) < 0)
+        return fail(errno, "truncating segment %llu: %s", (unsigned long long)old, strerror(errno));
     s->file_size = v->active_off;
     /* Its pages are in the page cache now: map them all at once, so that reads (a memcpy from
      * the mapping) do not each take a page fault on first touch. Best effort. */
@@ -433,14 +442,14 @@ static int sync_all(vol *v)
     for (uint64_t i = 0; i < v->nsegs_cap; i++) {
         seg_info *s = &v->segs[i];
         if (s->fd >= 0 && s->needs_sync) {
-            if (fdatasync(s->fd) < 0)
+            if (io_fdatasync(s->fd) < 0)
                 return fail(errno, "fdatasync of segment %llu: %s", (unsigned long long)i,
                             strerror(errno));
             s->needs_sync = 0;
         }
     }
     if (v->dir_dirty) {
-        if (fsync(v->segdirfd) < 0)
+        if (io_fsyncdir(v->segdirfd) < 0)
             return fail(errno, "fsync of the segment directory: %s", strerror(errno));
         v->dir_dirty = 0;
     }
@@ -461,6 +470,32 @@ static int flush_locked(vol *v)
         v->records_since_marker = 0;
     }
     return 0;
+}
+
+/* Where the log ends, so that a record appended after this point can be taken back while its
+ * bytes are still only in the window (nothing of it reached the file). */
+typedef struct log_pos {
+    uint64_t seg, off, seq, since;
+    int marker;
+} log_pos;
+
+static log_pos log_tell(const vol *v)
+{
+    return (log_pos){v->active, v->active_off, v->next_seq, v->since_ckpt, v->records_since_marker};
+}
+
+/* 1 and the log is as it was at p, or 0 when that is impossible (a rotation since, or a
+ * write-out of the window covered bytes after p: they may be on the disk). */
+static int log_rewind(vol *v, const log_pos *p)
+{
+    if (v->active != p->seg || v->written_off > p->off || v->wbase > p->off)
+        return 0;
+    v->active_off = p->off;
+    v->wbuf_len = (size_t)(p->off - v->wbase);
+    v->next_seq = p->seq;
+    v->since_ckpt = p->since;
+    v->records_since_marker = p->marker;
+    return 1;
 }
 
 /* ---------- map updates and live accounting ---------- */
@@ -1211,10 +1246,14 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t
                 goto out;
         while (snap_find_uuid(v, u));
     }
-    /* Everything that can fail without touching the log first (room, the clone), then the
-     * record: if it cannot be written, nothing changed. Then the snapshot, the new epoch and a
-     * flush, so the snapshot (and every write acknowledged before it) is durable when this
-     * returns. */
+    /* Everything that can fail without touching the log first (the flush of earlier writes, room,
+     * the clone), then the record: if it cannot be written, nothing changed. Then the snapshot,
+     * the new epoch and a sync, so the snapshot is durable when this returns. If the sync fails
+     * while the record is still only in the window, it is taken back (nothing changed); if its
+     * bytes may be in the file, a SNAPDEL record follows it, so no later flush can make the
+     * snapshot appear (the message says which). */
+    if (flush_locked(v) < 0)
+        goto out;
     if (snaps_reserve(v) < 0)
         goto out;
     if (!(clone = blockmap_clone(v->head))) {
@@ -1230,14 +1269,37 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t
     memcpy(p + 20, name, nl);
     put32(p + 84, flags);
     memcpy(p + 96, u, 16);
+    log_pos before = log_tell(v);
     if (append_snap_record(v, R_SNAP, p, SNAP_PAYLOAD, gen) < 0)
         goto out;
     snap_add(v, id, gen, created_ns, name, u, flags, clone); /* cannot fail: room and map are ready */
     clone = NULL;
     v->snaps[v->nsnaps - 1].map->hooks = &v->hooks;
     v->gen = gen + 1;
-    if (flush_locked(v) < 0)
+    if (sync_all(v) < 0) {
+        int e = errno;
+        char why[200];
+        snprintf(why, sizeof why, "%.199s", errbuf);
+        if (log_rewind(v, &before)) {
+            snap_remove(v, id);
+            v->gen = gen;
+            v->next_snap_id = id;
+            fail(e, "%s (snapshot %s not made)", why, name);
+        } else {
+            uint8_t d[SNAPDEL_PAYLOAD] = {0};
+            put32(d, id);
+            if (append_snap_record(v, R_SNAPDEL, d, SNAPDEL_PAYLOAD, v->gen) == 0) {
+                snap_remove(v, id);
+                fail(e, "%s (snapshot %s not made: its record may have reached the disk, a deletion "
+                        "record follows it)", why, name);
+            } else {
+                fail(e, "%s (snapshot %s was made but is not durable yet: a later flush makes it so)",
+                     why, name);
+            }
+        }
         goto out;
+    }
+    (void)flush_locked(v); /* the marker: a hint only; if it fails the next flush writes one */
     *id_out = id;
     r = 0;
 out:
@@ -1256,12 +1318,32 @@ int vol_snap_delete(vol *v, uint32_t id)
         fail(ENOENT, "no snapshot with id %u", id);
         goto out;
     }
+    /* As in create: earlier writes flushed first, the record, a sync; the snapshot goes from
+     * memory only once its deletion is durable. If the sync fails while the record is still only
+     * in the window it is taken back (nothing changed); if it may be in the file the deletion
+     * is completed in memory too (memory never disagrees with the log) and the error says so. */
+    if (flush_locked(v) < 0)
+        goto out;
     uint8_t p[SNAPDEL_PAYLOAD] = {0};
     put32(p, id);
+    log_pos before = log_tell(v);
     if (append_snap_record(v, R_SNAPDEL, p, SNAPDEL_PAYLOAD, v->gen) < 0)
         goto out;
+    if (sync_all(v) < 0) {
+        int e = errno;
+        char why[200];
+        snprintf(why, sizeof why, "%.199s", errbuf);
+        if (log_rewind(v, &before)) {
+            fail(e, "%s (snapshot not deleted)", why);
+        } else {
+            snap_remove(v, id);
+            fail(e, "%s (the snapshot is deleted, but its deletion is not durable yet)", why);
+        }
+        goto out;
+    }
     snap_remove(v, id);
-    r = flush_locked(v);
+    (void)flush_locked(v);
+    r = 0;
 out:
     pthread_mutex_unlock(&v->lock);
     return r;
@@ -1408,19 +1490,45 @@ out:
 
 /* ---------- checkpoints ---------- */
 
+/* A buffered writer for checkpoint.tmp: its own heap buffer (checkpoints on two threads never
+ * share one), written with io_pwrite so faults and the recorder see every byte. */
 typedef struct wctx {
-    FILE *f;
+    int fd;
+    uint8_t *buf;
+    size_t len, cap;
+    uint64_t off;   /* bytes already in the file */
     uint32_t crc;
     int err;
 } wctx;
+
+static void wdrain(wctx *w)
+{
+    if (!w->err && w->len && full_pwrite(w->fd, w->buf, w->len, w->off) < 0)
+        w->err = errno ? errno : EIO;
+    w->off += w->len;
+    w->len = 0;
+}
+
+static void wraw(wctx *w, const void *p, size_t n)
+{
+    const uint8_t *b = p;
+    while (n && !w->err) {
+        size_t k = w->cap - w->len < n ? w->cap - w->len : n;
+        memcpy(w->buf + w->len, b, k);
+        w->len += k;
+        b += k;
+        n -= k;
+        if (w->len == w->cap)
+            wdrain(w);
+    }
+}
 
 static void wout(wctx *w, const void *p, size_t n)
 {
     if (w->err)
         return;
     w->crc = crc32c_extend(w->crc, p, n);
-    if (fwrite(p, 1, n, w->f) != n)
-        w->err = errno ? errno : EIO;
+    wraw(w, p, n);
 }
 
 /* Free checkpoint clones under the lock: leaf reference counts are shared with live maps. */
@@ -1491,6 +1599,7 @@ static int checkpoint_serialised(vol *v)
     }
     meta[0].gen = v->gen;
     uint64_t j = 0, nsync = 0, ndead = 0;
+    int dup_err = 0;
     for (uint64_t i = 0; i < v->nsegs_cap; i++) {
         seg_info *g = &v->segs[i];
         if (g->fd < 0)
@@ -1498,10 +1607,16 @@ static int checkpoint_serialised(vol *v)
         segtab[2 * j] = i;
         segtab[2 * j + 1] = g->total_blocks;
         j++;
-        if (i != v->active && g->live_blocks == 0)
+        if (i != v->active && g->live_blocks == 0) {
             dead[ndead++] = i;
-        else if (g->needs_sync && (syncfds[nsync] = dup(g->fd)) >= 0)
+        } else if (g->needs_sync) {
+            /* a descriptor of our own: the segment may be retired (closed) while we sync */
+            if ((syncfds[nsync] = fcntl(g->fd, F_DUPFD_CLOEXEC, 0)) < 0) {
+                dup_err = errno; /* EMFILE: this checkpoint could not prove the segment durable */
+                break;
+            }
             nsync++;
+        }
     }
     uint64_t next_seq = v->next_seq, rseg = v->active, roff = v->active_off;
     uint32_t gen = v->gen, next_snap_id = v->next_snap_id;
@@ -1511,14 +1626,14 @@ static int checkpoint_serialised(vol *v)
         leaves_hint += maps[m]->nleaves;
     pthread_mutex_unlock(&v->lock);
 
-    int err = 0;
+    int err = dup_err;
     for (uint64_t i = 0; i < nsync; i++) {
-        if (!err && fdatasync(syncfds[i]) < 0)
+        if (!err && io_fdatasync(syncfds[i]) < 0)
             err = errno;
         close(syncfds[i]);
     }
     free(syncfds);
-    if (!err && fsync(v->segdirfd) < 0)
+    if (!err && io_fsyncdir(v->segdirfd) < 0)
         err = errno;
     if (err) {
         free_clones(v, maps, nmaps);
@@ -1552,14 +1667,16 @@ static int checkpoint_serialised(vol *v)
         }
 
     uint64_t size = 0;
-    int fd = err ? -1 : openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    int fd = err ? -1 : io_openat(v->dirfd, "checkpoint.tmp", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (!err && fd < 0)
         err = errno;
+    uint8_t *fbuf = err ? NULL : malloc(1 << 20);
+    if (!err && !fbuf) {
+        close(fd);
+        err = ENOMEM;
+    }
     if (!err) {
-        FILE *f = fdopen(fd, "wb");
-        wctx w = {f, 0, 0};
-        static char fbuf[1 << 20];
-        setvbuf(f, fbuf, _IOFBF, sizeof fbuf);
+        wctx w = {.fd = fd, .buf = fbuf, .cap = 1 << 20};
         uint8_t h[64] = {0};
         put32(h, CKPT_MAGIC);
         put32(h + 4, CKPT_VERSION);
@@ -1601,19 +1718,17 @@ static int checkpoint_serialised(vol *v)
                 w.err = EIO; /* accounting bug: refuse to write an inconsistent checkpoint */
         }
         uint32_t c = w.crc;
-        if (!w.err && fwrite(&c, 1, 4, f) != 4)
-            w.err = errno ? errno : EIO;
-        if (!w.err && fflush(f) != 0)
+        wraw(&w, &c, 4);
+        wdrain(&w);
+        if (!w.err && io_fsync(fd) < 0)
             w.err = errno;
-        if (!w.err && fsync(fd) < 0)
-            w.err = errno;
-        size = (uint64_t)ftell(f);
-        if (fclose(f) != 0 && !w.err)
-            w.err = errno;
+        size = w.off;
+        close(fd);
+        free(fbuf);
         err = w.err;
-        if (!err && renameat(v->dirfd, "checkpoint.tmp", v->dirfd, "checkpoint") < 0)
+        if (!err && io_renameat(v->dirfd, "checkpoint.tmp", "checkpoint") < 0)
             err = errno;
-        if (!err && fsync(v->dirfd) < 0)
+        if (!err && io_fsyncdir(v->dirfd) < 0)
             err = errno;
     }
     leafset_free(&ls);
@@ -1624,7 +1739,7 @@ static int checkpoint_serialised(vol *v)
     free_clones(v, maps, nmaps);
     if (err) {
         free(dead);
-        unlinkat(v->dirfd, "checkpoint.tmp", 0);
+        (void)io_unlinkat(v->dirfd, "checkpoint.tmp"); /* or the next open deletes it */
         return fail(err, "writing checkpoint: %s", strerror(err));
     }
     pthread_mutex_lock(&v->lock);
@@ -1640,7 +1755,7 @@ static int checkpoint_serialised(vol *v)
 
 static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
 {
-    int fd = openat(v->dirfd, "checkpoint", O_RDONLY | O_CLOEXEC);
+    int fd = io_openat(v->dirfd, "checkpoint", O_RDONLY | O_CLOEXEC | O_NOFOLLOW, 0);
     if (fd < 0) {
         if (errno == ENOENT)
             return 1;
@@ -1942,15 +2057,24 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
 {
     char name[32];
     seg_name(name, id);
-    int fd = openat(v->segdirfd, name, (v->p.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    int fd = io_openat(v->segdirfd, name, (v->p.readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOFOLLOW, 0);
     if (fd < 0)
-        return fail(errno, "opening segment %s: %s", name, strerror(errno));
+        return fail(errno, "opening segment %s: %s%s", name, strerror(errno),
+                    errno == ELOOP ? " (a symbolic link: refused)" : "");
     if (seg_reserve(v, id) < 0) {
         close(fd);
         return -1;
     }
     struct stat st;
-    fstat(fd, &st);
+    if (fstat(fd, &st) < 0) {
+        int e = errno;
+        close(fd);
+        return fail(e, "stat of segment %s: %s", name, strerror(e));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        close(fd);
+        return fail(EIO, "segment %s is not a regular file", name);
+    }
     v->segs[id].fd = fd;
     v->segs[id].file_size = (uint64_t)st.st_size;
     if (seg_map(v, id) < 0) {
@@ -1991,7 +2115,7 @@ static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
         seg_retire(v, sm->id, 0);
         rep->segments_deleted++;
     } else {
-        if (ftruncate(v->segs[sm->id].fd, (off_t)pos) < 0)
+        if (io_ftruncate(v->segs[sm->id].fd, pos) < 0)
             return fail(errno, "truncating torn segment: %s", strerror(errno));
         v->segs[sm->id].file_size = pos;
     }
@@ -2277,7 +2401,7 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         fail(errno, "opening volume directory %s: %s", voldir, strerror(errno));
         goto err;
     }
-    if (!p->readonly && mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
+    if (!p->readonly && io_mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
         fail(errno, "creating segments directory: %s", strerror(errno));
         goto err;
     }
@@ -2289,10 +2413,13 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     /* list segments */
     uint64_t *ids = NULL;
     size_t nids = 0, cap = 0;
-    int dfd = dup(v->segdirfd);
+    int dfd = fcntl(v->segdirfd, F_DUPFD_CLOEXEC, 0);
     DIR *dir = dfd >= 0 ? fdopendir(dfd) : NULL;
     if (!dir) {
-        fail(errno, "listing segments: %s", strerror(errno));
+        int e = errno;
+        if (dfd >= 0)
+            close(dfd);
+        fail(e, "listing segments: %s", strerror(e));
         goto err;
     }
     struct dirent *de;
@@ -2301,6 +2428,13 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         char tail[8];
         if (strlen(de->d_name) == 20 && sscanf(de->d_name, "%16llx%7s", &id, tail) == 2 &&
             strcmp(tail, ".seg") == 0) {
+            if (id == 0 || id > SEG_ID_MAX) { /* never written by the engine: refuse to guess */
+                closedir(dir);
+                free(ids);
+                fail(EIO, "segment file %s has an id out of range (1 to %llu): foreign or damaged",
+                     de->d_name, (unsigned long long)SEG_ID_MAX);
+                goto err;
+            }
             if (nids == cap) {
                 cap = cap ? cap * 2 : 64;
                 uint64_t *n = realloc(ids, cap * sizeof *ids);
@@ -2315,12 +2449,12 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
             ids[nids++] = id;
         } else if (strlen(de->d_name) == 21 && strcmp(de->d_name + 16, ".free") == 0) {
             if (!p->readonly)
-                unlinkat(v->segdirfd, de->d_name, 0); /* a recycling pool left by the last owner */
+                (void)io_unlinkat(v->segdirfd, de->d_name); /* a recycling pool left by the last owner */
         }
     }
     closedir(dir);
     if (!p->readonly)
-        unlinkat(v->dirfd, "checkpoint.tmp", 0); /* an interrupted checkpoint: never committed */
+        (void)io_unlinkat(v->dirfd, "checkpoint.tmp"); /* an interrupted checkpoint: never committed */
     qsort(ids, nids, sizeof *ids, cmp_u64);
     uint64_t rseg = 0, roff = SEG_HDR;
     int lc = load_checkpoint(v, &rseg, &roff);
@@ -2476,6 +2610,11 @@ int vol_gc_segment(vol *v, uint64_t seg)
             pos += rc.len;
             continue;
         }
+        /* blockmap_relocate edits leaves in place, and those leaves are shared with the frozen
+         * clones a checkpoint serialises without v->lock: a move during that window could be
+         * recorded before its RELOC record is in the file. So each move waits for a running
+         * checkpoint (ckpt_lock, taken before lock), and a checkpoint waits for one move. */
+        pthread_mutex_lock(&v->ckpt_lock);
         pthread_mutex_lock(&v->lock);
         if (rc.flags & F_COMP) {
             uint64_t want = bm_loc(BM_COMP, seg, pos, 0) & ~(0xffULL << 56);
@@ -2493,6 +2632,7 @@ int vol_gc_segment(vol *v, uint64_t seg)
                                   rc.plen, &nro, &pay) < 0) {
                     r = -1;
                     pthread_mutex_unlock(&v->lock);
+                    pthread_mutex_unlock(&v->ckpt_lock);
                     break;
                 }
                 for (uint32_t b = 0; b < rc.nblocks; b++)
@@ -2526,6 +2666,7 @@ int vol_gc_segment(vol *v, uint64_t seg)
             }
         }
         pthread_mutex_unlock(&v->lock);
+        pthread_mutex_unlock(&v->ckpt_lock);
         if (r < 0)
             break;
         pos += rc.len;

@@ -53,6 +53,14 @@ int vol_get_stats(vol *v, vol_stats *s);
 int vol_pool_trim(vol *v, int keep);
 const char *vol_errmsg(void);
 uint32_t crc32c_extend(uint32_t crc, const void *buf, size_t len);
+void vol_io_fault(unsigned mask, uint64_t nth, int err, int persistent);
+uint64_t vol_io_calls(void);
+uint64_t vol_io_failures(void);
+typedef void (*vol_io_recorder)(int op, uint64_t ino, uint64_t dir, const char *name, const char *name2,
+                                const void *buf, uint64_t len, uint64_t off, int64_t result);
+void vol_io_record(vol_io_recorder fn);
+extern "Python" void _io_recorder(int op, uint64_t ino, uint64_t dir, const char *name, const char *name2,
+                                  const void *buf, uint64_t len, uint64_t off, int64_t result);
 uint32_t crc32c_extend_sw(uint32_t crc, const void *buf, size_t len);
 """
 
@@ -60,8 +68,8 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "engine._native",
-    '#include "volume.h"\n#include "crc32c.h"\n',
-    sources=[str(CSRC / n) for n in ("crc32c.c", "blockmap.c", "volume.c")],
+    '#include "volume.h"\n#include "crc32c.h"\n#include "io.h"\n',
+    sources=[str(CSRC / n) for n in ("crc32c.c", "blockmap.c", "io.c", "volume.c")],
     include_dirs=[str(CSRC)],
     libraries=["zstd", "pthread"],
     extra_compile_args=["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
