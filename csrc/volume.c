@@ -605,7 +605,7 @@ static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
         return 0;
     }
     if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || !v->segs[seg].map)
-        return fail(EIO, "block refers to missing segment %llu", (unsigned long long)seg);
+        return fail(EBADMSG, "block refers to missing segment %llu", (unsigned long long)seg);
     seg_info *s = &v->segs[seg];
     if (seg == v->active && off + len > v->wbase) {
         /* straddles file and window: bytes below wbase are in the file */
@@ -616,7 +616,7 @@ static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
     }
     uint64_t limit = seg == v->active ? v->written_off : s->file_size;
     if (off + len > limit || off + len > s->map_len)
-        return fail(EIO, "block beyond the end of segment %llu (truncated file?)", (unsigned long long)seg);
+        return fail(EBADMSG, "block beyond the end of segment %llu (truncated file?)", (unsigned long long)seg);
     memcpy(dst, s->map + off, len);
     return 0;
 }
@@ -632,20 +632,20 @@ static int read_compressed(vol *v, bm_entry e, uint8_t *dst)
         uint32_t n = get32(h + 12), plen = get32(h + 16);
         if (get32(h) != REC_MAGIC || n == 0 || n > MAX_COMP_BLOCKS || plen > MAX_COMP_BLOCKS * BS) {
             v->corrupt_reads++;
-            return fail(EIO, "corrupt compressed record header in segment %llu at %llu",
+            return fail(EBADMSG, "corrupt compressed record header in segment %llu at %llu",
                         (unsigned long long)seg, (unsigned long long)off);
         }
         if (read_bytes(v, seg, off + REC_HDR + 4, v->zbuf, plen) < 0)
             return -1;
         if (crc32c(v->zbuf, plen) != e.crc) {
             v->corrupt_reads++;
-            return fail(EIO, "checksum mismatch in segment %llu at %llu", (unsigned long long)seg,
+            return fail(EBADMSG, "checksum mismatch in segment %llu at %llu", (unsigned long long)seg,
                         (unsigned long long)off);
         }
         size_t r = ZSTD_decompressDCtx(v->dctx, v->dcache, MAX_COMP_BLOCKS * BS, v->zbuf, plen);
         if (ZSTD_isError(r) || r != (size_t)n * BS) {
             v->corrupt_reads++;
-            return fail(EIO, "cannot decompress record in segment %llu at %llu",
+            return fail(EBADMSG, "cannot decompress record in segment %llu at %llu",
                         (unsigned long long)seg, (unsigned long long)off);
         }
         v->dcache_loc = key;
@@ -678,7 +678,7 @@ static int read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, ui
                 bm_entry f = b == i ? e : blockmap_get(map, lba + b);
                 if (crc32c(dst + b * BS, BS) != f.crc) {
                     v->corrupt_reads++;
-                    return fail(EIO, "checksum mismatch for block %llu (segment %llu)",
+                    return fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
                                 (unsigned long long)(lba + b), (unsigned long long)seg);
                 }
             }
@@ -1770,13 +1770,13 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
     close(fd);
     if (d == MAP_FAILED)
-        return fail(EIO, "checkpoint is empty or unreadable");
+        return fail(EBADMSG, "checkpoint is empty or unreadable");
     int r = -1;
     bm_leaf **leaves = NULL;
     uint64_t nl = 0;
     size_t leaf_rec = 8 + sizeof(((bm_leaf *)0)->e);
     if (len < 64 + 8 + 4 || get32(d) != CKPT_MAGIC) {
-        fail(EIO, "checkpoint is corrupt (bad magic or too short)");
+        fail(EBADMSG, "checkpoint is corrupt (bad magic or too short)");
         goto out;
     }
     uint32_t version = get32(d + 4);
@@ -1786,11 +1786,11 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     }
     size_t mhlen = version == 2 ? CKPT_V2_MAP_HDR : CKPT_MAP_HDR;
     if (memcmp(d + 8, v->p.uuid, 16) != 0) {
-        fail(EIO, "checkpoint belongs to another volume (uuid mismatch)");
+        fail(EBADMSG, "checkpoint belongs to another volume (uuid mismatch)");
         goto out;
     }
     if (crc32c(d, len - 4) != get32(d + len - 4)) {
-        fail(EIO, "checkpoint is corrupt (checksum mismatch)");
+        fail(EBADMSG, "checkpoint is corrupt (checksum mismatch)");
         goto out;
     }
     size_t end = len - 4;
@@ -1802,13 +1802,13 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     v->next_snap_id = get32(d + 60) ? get32(d + 60) : 1;
     size_t pos = 64;
     if (nmaps == 0 || (uint64_t)nsegs * 16 + 8 > end - pos) {
-        fail(EIO, "checkpoint is corrupt (header)");
+        fail(EBADMSG, "checkpoint is corrupt (header)");
         goto out;
     }
     for (uint32_t i = 0; i < nsegs; i++, pos += 16) {
         uint64_t id = get64(d + pos);
-        if (id >= (1ull << 28) || seg_reserve(v, id) < 0) {
-            fail(EIO, "checkpoint is corrupt (segment id)");
+        if (id > SEG_ID_MAX || seg_reserve(v, id) < 0) {
+            fail(EBADMSG, "checkpoint is corrupt (segment id)");
             goto out;
         }
         v->segs[id].total_blocks = get64(d + pos + 8);
@@ -1816,7 +1816,7 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     nl = get64(d + pos);
     pos += 8;
     if (nl > (end - pos) / leaf_rec) {
-        fail(EIO, "checkpoint is corrupt (leaf table)");
+        fail(EBADMSG, "checkpoint is corrupt (leaf table)");
         goto out;
     }
     uint64_t maxleaf = (v->nblocks + BM_LEAF_ENTRIES - 1) >> BM_LEAF_SHIFT;
@@ -1833,14 +1833,14 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         memcpy(tmp, d + pos + 8, sizeof tmp);
         if (lis[i] >= maxleaf || !(leaves[i] = blockmap_leaf_new(tmp))) {
             free(lis);
-            fail(lis[i] >= maxleaf ? EIO : ENOMEM, "checkpoint is corrupt (leaf beyond the volume)");
+            fail(lis[i] >= maxleaf ? EBADMSG : ENOMEM, "checkpoint is corrupt (leaf beyond the volume)");
             goto out;
         }
     }
     for (uint32_t m = 0; m < nmaps; m++) {
         if (mhlen > end - pos) {
             free(lis);
-            fail(EIO, "checkpoint is corrupt (map header)");
+            fail(EBADMSG, "checkpoint is corrupt (map header)");
             goto out;
         }
         const uint8_t *mh = d + pos;
@@ -1851,7 +1851,7 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         pos += mhlen;
         if ((m == 0) != (id == 0) || namelen > VOL_SNAP_NAME_MAX || cnt > (end - pos) / 4) {
             free(lis);
-            fail(EIO, "checkpoint is corrupt (map %u)", m);
+            fail(EBADMSG, "checkpoint is corrupt (map %u)", m);
             goto out;
         }
         blockmap *map = v->head;
@@ -1871,14 +1871,14 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
             uint32_t idx = get32(d + pos);
             if (idx >= nl || blockmap_attach_leaf(map, lis[idx], leaves[idx]) < 0) {
                 free(lis);
-                fail(EIO, "checkpoint is corrupt (leaf reference)");
+                fail(EBADMSG, "checkpoint is corrupt (leaf reference)");
                 goto out;
             }
         }
     }
     free(lis);
     if (pos != end) {
-        fail(EIO, "checkpoint is corrupt (trailing bytes)");
+        fail(EBADMSG, "checkpoint is corrupt (trailing bytes)");
         goto out;
     }
     v->ckpt_size = len;
@@ -2073,7 +2073,7 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
     }
     if (!S_ISREG(st.st_mode)) {
         close(fd);
-        return fail(EIO, "segment %s is not a regular file", name);
+        return fail(EBADMSG, "segment %s is not a regular file", name);
     }
     v->segs[id].fd = fd;
     v->segs[id].file_size = (uint64_t)st.st_size;
@@ -2158,7 +2158,7 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
         uint8_t *h = s->d;
         if (s->len >= SEG_HDR && get32(h) == SEG_MAGIC && crc32c(h + 8, SEG_HDR - 8) == get32(h + 4) &&
             memcmp(h + 16, v->p.uuid, 16) != 0) {
-            r = fail(EIO, "segment %016llx.seg belongs to another volume; refusing to open",
+            r = fail(EBADMSG, "segment %016llx.seg belongs to another volume; refusing to open",
                      (unsigned long long)s->id);
             goto out_pend;
         }
@@ -2173,7 +2173,7 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
                     if (truncate_seg(v, &sm[k], SEG_HDR, rep) < 0) { r = -1; goto out_pend; }
                 break;
             }
-            r = fail(EIO, "segment %016llx.seg has a bad header (foreign or damaged file)",
+            r = fail(EBADMSG, "segment %016llx.seg has a bad header (foreign or damaged file)",
                      (unsigned long long)s->id);
             goto out_pend;
         }
@@ -2431,7 +2431,7 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
             if (id == 0 || id > SEG_ID_MAX) { /* never written by the engine: refuse to guess */
                 closedir(dir);
                 free(ids);
-                fail(EIO, "segment file %s has an id out of range (1 to %llu): foreign or damaged",
+                fail(EBADMSG, "segment file %s has an id out of range (1 to %llu): foreign or damaged",
                      de->d_name, (unsigned long long)SEG_ID_MAX);
                 goto err;
             }

@@ -263,7 +263,7 @@ def cmd_serve(a) -> int:
 
 
 def cmd_stop(a) -> int:
-    if not server.stop(a.volume):
+    if not server.stop(a.volume, force=a.force):
         print(f"blockrep: {a.volume} was not being served", file=sys.stderr)
     return 0
 
@@ -357,7 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--forget", metavar="URI", help="drop a target's records")
     st.add_argument("--max-rpo", type=int, metavar="SECONDS", help="exit 1 if a target's RPO is above this")
 
-    _command(sub, "stop", cmd_stop, "stop serving a volume")
+    sp = _command(sub, "stop", cmd_stop, "stop serving a volume")
+    sp.add_argument("--force", action="store_true",
+                    help="stop even when the server cannot make its data durable (full or failing disk): "
+                         "writes since the last flush are lost")
     return p
 
 
@@ -374,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `blockrep snapshot list VOL | head`
         sys.stderr.close()
         return 141
+    except OSError as e:  # a file we may not read or write (not root, a read-only mount): one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"blockrep: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -41,7 +41,15 @@ class UnsupportedFormat(BlockrepError):
 
 
 class CorruptionError(BlockrepError):
-    """Stored data failed its checksum or a metadata file is damaged. Do not retry; restore."""
+    """Stored data failed its checksum or a metadata file is damaged. Do not retry; restore.
+    (The C engine says EBADMSG; clients see EIO.)"""
+
+    errno = _errno.EIO
+
+
+class DiskError(BlockrepError):
+    """The disk under the volume failed an I/O (EIO from the kernel): nothing was found damaged,
+    the operation was not done. Check the disk (dmesg, SMART); a retry may succeed."""
 
     errno = _errno.EIO
 
@@ -70,15 +78,17 @@ _BY_ERRNO = {
     _errno.EDQUOT: NoSpace,
     _errno.EROFS: ReadOnly,
     _errno.EPROTO: UnsupportedFormat,
-    _errno.EIO: CorruptionError,
+    _errno.EIO: DiskError,
+    _errno.EBADMSG: CorruptionError,
 }
 
 
 def from_errno(err: int, message: str) -> BlockrepError:
-    """The error class for an errno returned by the C engine, keeping that errno."""
+    """The error class for an errno returned by the C engine, keeping that errno (EBADMSG, the
+    engine's word for corruption, becomes EIO: what an NBD client can be told)."""
     cls = _BY_ERRNO.get(err, BlockrepError)
     e = cls(message)
-    e.errno = err
+    e.errno = _errno.EIO if err == _errno.EBADMSG else err
     return e
 
 

@@ -78,9 +78,29 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def find_nbdkit(vol: Path) -> int | None:
+    """An nbdkit process whose command line serves vol (our plugin, volume=VOL), found in /proc:
+    for when its pid file is missing or empty (a full disk) and it must still be stopped."""
+    want = f"volume={vol}".encode()
+    plugin = str(PLUGIN).encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and b"nbdkit" in os.path.basename(args[0]) and want in args and plugin in args:
+            return int(d)
+    return None
+
+
 def running_pid(vol: Path) -> int | None:
     """The pid of the nbdkit serving vol, or None."""
     pid = read_pid(vol)
+    if pid and _alive(pid):
+        return pid
+    pid = find_nbdkit(vol)
     return pid if pid and _alive(pid) else None
 
 
@@ -255,7 +275,11 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     if r.returncode != 0:
         (vol / "serve.json").unlink(missing_ok=True)  # a failed start leaves nothing behind
         raise ServerError(_nbdkit_error(r.stderr.decode(errors="replace")))
-    return _wait_ready(vol, uri, hp, sock, timeout)
+    try:
+        return _wait_ready(vol, uri, hp, sock, timeout)
+    except ServerError:
+        _kill_failed_start(vol)  # never leave a half-started server behind
+        raise
 
 
 _PRIVATE: dict[Path, subprocess.Popen] = {}
@@ -279,6 +303,21 @@ def _wait_ready(vol: Path, uri: str, hp, sock: Path, timeout: float) -> str:
     raise ServerError(f"server for {vol} did not start accepting connections (see {vol}/server.log)")
 
 
+def _kill_failed_start(vol: Path) -> None:
+    pid = running_pid(vol)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.02)
+    (vol / "serve.json").unlink(missing_ok=True)
+    (vol / "ctl.sock").unlink(missing_ok=True)
+    pid_file(vol).unlink(missing_ok=True)
+
+
 def _nbdkit_error(stderr: str) -> str:
     """Reduce nbdkit's stderr (often a Python traceback) to the one line that says why."""
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
@@ -292,8 +331,11 @@ def _nbdkit_error(stderr: str) -> str:
     return lines[-1] if lines else "nbdkit failed to start"
 
 
-def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0) -> bool:
-    """Stop the server of a volume; returns False if it was not running. Waits for exit."""
+def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0, force: bool = False) -> bool:
+    """Stop the server of a volume; returns False if it was not running. Waits for exit.
+    A server that cannot make its data durable (a full or failing disk) is left running, so that
+    nothing acknowledged is lost, unless force (then the writes since the last flush are lost
+    and a warning says so)."""
     vol = Path(vol_path).resolve()
     read_params(vol)
     pid = running_pid(vol)
@@ -308,8 +350,16 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0) -> bool:
     # client keeps the server alive past the grace period, SIGKILL it: nothing is lost.
     try:
         control.call(vol, "flush", timeout=timeout)
-    except BlockrepError:
+    except ServerError:
         pass  # no control socket (an older server, or it is dying): SIGTERM still flushes
+    except BlockrepError as e:  # it answered: it cannot make the volume durable
+        if not force:
+            raise ServerError(
+                f"not stopping {vol}: the server cannot make its data durable ({e}); it keeps "
+                "running so that nothing is lost. Free space or fix the disk and run stop again, "
+                "or stop --force (writes since the last flush are then lost)") from None
+        print(f"blockrep: warning: stopping {vol} without making it durable ({e}): writes since "
+              "the last flush are lost", file=sys.stderr)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):

@@ -163,14 +163,19 @@ def read_params(path: str | os.PathLike) -> Params:
     """Read and check volume.json; NotFound / UnsupportedFormat / CorruptionError with clear text."""
     p = Path(path)
     meta = p / "volume.json"
-    if not p.exists():
-        raise NotFound(f"no volume at {p}")
-    if not p.is_dir() or not meta.exists():
-        raise NotFound(f"{p} is not a blockrep volume (no volume.json)")
+    try:
+        if not p.exists():
+            raise NotFound(f"no volume at {p}")
+        if not p.is_dir() or not meta.exists():
+            raise NotFound(f"{p} is not a blockrep volume (no volume.json)")
+    except PermissionError:
+        raise InvalidArgument(f"cannot read volume {p}: permission denied "
+                              "(run blockrep as the volume's owner)") from None
     try:
         raw = json.loads(meta.read_text())
-    except PermissionError as e:
-        raise InvalidArgument(f"cannot read {meta}: {e.strerror}") from None
+    except PermissionError:
+        raise InvalidArgument(f"cannot read {meta}: permission denied "
+                              "(run blockrep as the volume's owner)") from None
     except (OSError, ValueError) as e:
         raise BlockrepError(f"{meta} is unreadable or damaged: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
@@ -181,10 +186,38 @@ def read_params(path: str | os.PathLike) -> Params:
             f"(this blockrep reads version {FORMAT_VERSION})")
     try:
         params = Params(**{k: raw[k] for k in Params.__dataclass_fields__ if k in raw})
-        validate_size(params.size)
+        _check_params(params)
     except (TypeError, InvalidArgument) as e:
         raise BlockrepError(f"{meta} is damaged: {e}") from None
     return params
+
+
+def _int_field(name: str, value, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidArgument(f"{name} is {value!r}, expected an integer from {lo} to {hi}")
+    return value
+
+
+def _check_params(params: Params) -> None:
+    """Every field of volume.json within what this release writes: a hand-edited or damaged
+    file is one clear error, never a value the engine would misuse (docs/FORMAT.md §1)."""
+    try:
+        _uuid.UUID(params.uuid) if isinstance(params.uuid, str) else None
+    except ValueError:
+        raise InvalidArgument(f"uuid {params.uuid!r} is not a uuid") from None
+    if not isinstance(params.uuid, str):
+        raise InvalidArgument(f"uuid {params.uuid!r} is not a uuid")
+    validate_size(_int_field("size", params.size, 1, MAX_SIZE))
+    if params.backend not in BACKENDS + ("image",):
+        raise InvalidArgument(f"backend {params.backend!r} is unknown (expected lsfs)")
+    if params.block_size != BLOCK or isinstance(params.block_size, bool):
+        raise InvalidArgument(f"block_size is {params.block_size!r}, expected {BLOCK}")
+    validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
+    if params.compress not in ("none", "zstd"):
+        raise InvalidArgument(f"compress is {params.compress!r}, expected none or zstd")
+    _int_field("segment_size", params.segment_size, 1 << 20, 256 << 20)
+    if not isinstance(params.created, str):
+        raise InvalidArgument(f"created is {params.created!r}, expected an ISO 8601 time")
 
 
 class Lock:

@@ -84,6 +84,12 @@ def config(key, value):
         if value not in _THREAD_MODELS:
             raise RuntimeError(f"thread_model must be one of {', '.join(_THREAD_MODELS)}")
         _thread_model = value
+    elif key == "io_fault":  # tests only (RELIABILITY R7): make the engine's disk fail
+        from engine import faults
+        try:
+            faults.inject(*faults.parse(value))
+        except BlockrepError as e:
+            raise RuntimeError(str(e)) from None
     elif key == "logfile":
         h = logging.FileHandler(os.path.abspath(value))
         h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -91,7 +97,7 @@ def config(key, value):
         logging.getLogger("blockrep").setLevel(logging.INFO)
     else:
         raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…] "
-                           "[keep=N] [keep_min_age=SECONDS] [allow_remote_prune=1] [tls_psk=FILE])")
+                           "[keep=N] [keep_min_age=SECONDS] [allow_remote_prune=1] [tls_psk=FILE] [io_fault=SPEC])")
 
 
 def config_complete():
@@ -280,7 +286,11 @@ def can_multi_conn(h):
 def _fail(what):
     err = _ffi.errno or errno.EIO
     msg = _ffi.string(_lib.vol_errmsg()).decode(errors="replace")
-    log.error("%s: %s", what, msg)
+    if err == errno.EBADMSG:  # the engine's word for corruption; NBD clients get EIO
+        err = errno.EIO
+        log.error("%s: corruption: %s", what, msg)
+    else:
+        log.error("%s: %s", what, msg)
     nbdkit.set_error(err)
     raise OSError(err, msg)
 
