@@ -95,6 +95,7 @@ struct vol {
     uint64_t ckpt_size;
     uint64_t corrupt_reads;
     uint64_t gc_segments, gc_bytes_moved;
+    uint64_t gc_busy;         /* segment being collected (0: none): never retired meanwhile */
     ZSTD_CCtx *cctx;
     ZSTD_DCtx *dctx;
     uint8_t *zbuf;            /* compression scratch */
@@ -1607,7 +1608,7 @@ static int checkpoint_serialised(vol *v)
         segtab[2 * j] = i;
         segtab[2 * j + 1] = g->total_blocks;
         j++;
-        if (i != v->active && g->live_blocks == 0) {
+        if (i != v->active && g->live_blocks == 0 && i != v->gc_busy) {
             dead[ndead++] = i;
         } else if (g->needs_sync) {
             /* a descriptor of our own: the segment may be retired (closed) while we sync */
@@ -1746,7 +1747,8 @@ static int checkpoint_serialised(vol *v)
     v->since_ckpt -= since;
     v->ckpt_size = size;
     for (uint64_t i = 0; i < ndead; i++) /* dead when frozen: no checkpoint needs them now */
-        if (dead[i] < v->nsegs_cap && v->segs[dead[i]].fd >= 0 && v->segs[dead[i]].live_blocks == 0)
+        if (dead[i] < v->nsegs_cap && v->segs[dead[i]].fd >= 0 && v->segs[dead[i]].live_blocks == 0 &&
+            dead[i] != v->gc_busy)
             seg_retire(v, dead[i], 1);
     pthread_mutex_unlock(&v->lock);
     free(dead);
@@ -1832,8 +1834,12 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
         bm_entry tmp[BM_LEAF_ENTRIES];
         memcpy(tmp, d + pos + 8, sizeof tmp);
         if (lis[i] >= maxleaf || !(leaves[i] = blockmap_leaf_new(tmp))) {
+            int beyond = lis[i] >= maxleaf;
             free(lis);
-            fail(lis[i] >= maxleaf ? EBADMSG : ENOMEM, "checkpoint is corrupt (leaf beyond the volume)");
+            if (beyond)
+                fail(EBADMSG, "checkpoint is corrupt (leaf beyond the volume)");
+            else
+                fail(ENOMEM, "out of memory loading checkpoint");
             goto out;
         }
     }
@@ -2429,10 +2435,10 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         if (strlen(de->d_name) == 20 && sscanf(de->d_name, "%16llx%7s", &id, tail) == 2 &&
             strcmp(tail, ".seg") == 0) {
             if (id == 0 || id > SEG_ID_MAX) { /* never written by the engine: refuse to guess */
-                closedir(dir);
-                free(ids);
                 fail(EBADMSG, "segment file %s has an id out of range (1 to %llu): foreign or damaged",
                      de->d_name, (unsigned long long)SEG_ID_MAX);
+                closedir(dir); /* after the message: it frees de */
+                free(ids);
                 goto err;
             }
             if (nids == cap) {
@@ -2455,7 +2461,8 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     closedir(dir);
     if (!p->readonly)
         (void)io_unlinkat(v->dirfd, "checkpoint.tmp"); /* an interrupted checkpoint: never committed */
-    qsort(ids, nids, sizeof *ids, cmp_u64);
+    if (nids)
+        qsort(ids, nids, sizeof *ids, cmp_u64);
     uint64_t rseg = 0, roff = SEG_HDR;
     int lc = load_checkpoint(v, &rseg, &roff);
     if (lc < 0) {
@@ -2586,19 +2593,26 @@ int vol_gc_segment(vol *v, uint64_t seg)
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
     pthread_mutex_lock(&v->lock);
-    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || seg == v->active) {
+    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || seg == v->active || v->gc_busy) {
         pthread_mutex_unlock(&v->lock);
-        return fail(EINVAL, "segment %llu is not a sealed segment", (unsigned long long)seg);
+        return fail(EINVAL, "segment %llu is not a sealed segment (or a collection is running)",
+                    (unsigned long long)seg);
     }
-    int fd = dup(v->segs[seg].fd);
+    /* While we read it without the lock, a checkpoint must not retire it: once its last live
+     * block moves, it is dead, and a recycled file would be truncated and rewritten under our
+     * mapping (SIGBUS, found by the sanitizer stress). gc_busy keeps it until we are done. */
+    v->gc_busy = seg;
     size_t len = (size_t)v->segs[seg].file_size;
+    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, v->segs[seg].fd, 0) : MAP_FAILED;
+    int merr = errno;
     pthread_mutex_unlock(&v->lock);
-    if (fd < 0)
-        return fail(errno, "dup: %s", strerror(errno));
-    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0) : MAP_FAILED;
-    close(fd);
-    if (d == MAP_FAILED)
-        return fail(EIO, "mapping segment %llu for collection", (unsigned long long)seg);
+    if (d == MAP_FAILED) {
+        pthread_mutex_lock(&v->lock);
+        v->gc_busy = 0;
+        pthread_mutex_unlock(&v->lock);
+        return fail(len ? merr : EINVAL, "mapping segment %llu for collection: %s", (unsigned long long)seg,
+                    len ? strerror(merr) : "empty");
+    }
     int r = 0;
     size_t pos = SEG_HDR;
     uint32_t crcs[MAX_REC_BLOCKS];
@@ -2672,14 +2686,14 @@ int vol_gc_segment(vol *v, uint64_t seg)
         pos += rc.len;
     }
     munmap(d, len);
-    if (r < 0)
-        return -1;
+    pthread_mutex_lock(&v->lock);
+    v->gc_busy = 0;
+    if (r == 0)
+        v->gc_segments++;
+    pthread_mutex_unlock(&v->lock);
     /* The segment is now dead; the next checkpoint makes the relocated copies the ones
      * recovery knows, and it deletes segments that were already dead when it froze the map. */
-    pthread_mutex_lock(&v->lock);
-    v->gc_segments++;
-    pthread_mutex_unlock(&v->lock);
-    return 0;
+    return r;
 }
 
 int vol_get_stats(vol *v, vol_stats *s)

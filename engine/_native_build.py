@@ -4,6 +4,7 @@ Run from the repository root: ``python -m engine._native_build`` (scripts/bootst
 API mode: every call releases the GIL, so background threads run beside requests.
 """
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -64,6 +65,11 @@ extern "Python" void _io_recorder(int op, uint64_t ino, uint64_t dir, const char
 uint32_t crc32c_extend_sw(uint32_t crc, const void *buf, size_t len);
 """
 
+# BLOCKREP_SANITIZE=address,undefined builds an instrumented module (tests/test_sanitizers.py)
+SANITIZE = os.environ.get("BLOCKREP_SANITIZE", "")
+CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZE}", "-fno-sanitize-recover=undefined"] \
+    if SANITIZE else ["-O2", "-g"]
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
@@ -72,12 +78,11 @@ ffibuilder.set_source(
     sources=[str(CSRC / n) for n in ("crc32c.c", "blockmap.c", "io.c", "volume.c")],
     include_dirs=[str(CSRC)],
     libraries=["zstd", "pthread"],
-    extra_compile_args=["-O2", "-g", "-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_compile_args=CFLAGS + ["-Wall", "-Wextra", "-Wno-unused-parameter", "-std=gnu11"],
+    extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
 )
 
 if __name__ == "__main__":
-    import os
-
     os.chdir(ROOT)
     ffibuilder.compile(tmpdir=str(ROOT / "build" / "cffi"), verbose=False)
     # compile() writes the module to tmpdir/engine/; move it next to this file
