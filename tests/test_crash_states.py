@@ -47,8 +47,11 @@ def _setup(path: Path) -> None:
         v.checkpoint()
 
 
-def _apply(v, op: str, i: int, model: bytearray, snaps: dict) -> None:
+def _apply(v, op: str, i: int, model: bytearray, snaps: dict) -> bool:
+    """Run one operation; True if, once it returned, everything before it is durable."""
     tag = 1 + i
+    if op == "unsnap" and not snaps:
+        return False  # nothing to delete: a no-op, not a sync
     if op == "write":
         v.write(_data(tag, 2 * BS), 2 * BS)
         model[2 * BS:4 * BS] = _data(tag, 2 * BS)
@@ -77,6 +80,7 @@ def _apply(v, op: str, i: int, model: bytearray, snaps: dict) -> None:
         v.checkpoint()
     elif op == "collect":
         v.collect(ratio=1.0)
+    return op in DURABLE
 
 
 def _matches(c: Volume, model: bytes, snaps: dict) -> bool:
@@ -97,12 +101,13 @@ def _workload(base: Path, work: Path, seq: tuple[str, ...], rnd: random.Random, 
         snaps = {s["name"]: b.snapshot_read(s["id"], SIZE, 0) for s in b.snapshots()}
     states = [(bytes(model), dict(snaps))]  # states[m]: after m operations
     bounds = []  # log length at the start and end of each operation
+    synced = []  # whether each operation made everything before it durable
     iorecord.start(fs.record)
     try:
         v = Volume.open(work)
         for i, op in enumerate(seq):
             start = len(fs.log)
-            _apply(v, op, i, model, snaps)
+            synced.append(_apply(v, op, i, model, snaps))
             bounds.append((start, len(fs.log)))
             states.append((bytes(model), dict(snaps)))
         v.abandon()
@@ -112,7 +117,7 @@ def _workload(base: Path, work: Path, seq: tuple[str, ...], rnd: random.Random, 
     for k in range(len(fs.log) + 1):
         done = sum(1 for s, e in bounds if e <= k)
         started = sum(1 for s, e in bounds if s < k)
-        durable = max([i + 1 for i, (s, e) in enumerate(bounds) if e <= k and seq[i] in DURABLE], default=0)
+        durable = max([i + 1 for i, (s, e) in enumerate(bounds) if e <= k and synced[i]], default=0)
         for mode in ("durable", "cache", "random"):
             shutil.rmtree(scratch, ignore_errors=True)
             fs.image(k, scratch, mode, rnd, {})
