@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all bootstrap demo test soak-replication bench build lint clean
+.PHONY: all bootstrap demo test soak-replication fuzz bench build lint clean
 
 all: test
 
@@ -19,6 +19,14 @@ test: bootstrap
 # RELIABILITY R15: 50 SIGKILLs of the replication worker (and 3 of the DR) at random points
 soak-replication: bootstrap
 	BLOCKREP_KILLS=50 $(PY) -m pytest -q -s -rxX tests/test_replication_kills.py
+
+# RELIABILITY R16: the long decoder-fuzzing tier (atheris; DURATION seconds per target, TARGETS to
+# pick some of segments checkpoint volume_json control replication_json export_name manifest).
+# The short tier is tests/test_fuzz_decoders.py, part of `make test`.
+DURATION ?= 60
+fuzz: bootstrap
+	$(VENV)/bin/python -c "import atheris" 2>/dev/null || $(VENV)/bin/pip install -q atheris || true
+	$(PY) -m tests.fuzz.run --duration $(DURATION) $(TARGETS)
 
 bench: bootstrap
 	bench/run.sh

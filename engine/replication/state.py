@@ -54,6 +54,7 @@ def load(vol: Path) -> dict:
     if not isinstance(raw, dict):
         raise BlockrepError(f"{vol / FILE} is not a replication record; move it away to start anew")
     if raw.get("version") == VERSION and isinstance(raw.get("targets"), dict):
+        _check_targets(vol, raw["targets"])
         return raw
     if "version" in raw:  # a newer (or broken) format: never read it as "no targets"
         raise BlockrepError(f"{vol / FILE} has replication record version {raw.get('version')!r}; this "
@@ -65,7 +66,78 @@ def load(vol: Path) -> dict:
             out["targets"][uri] = {"kind": "blockrep" if t.get("blockrep") else "nbd",
                                    "snapshot": t.get("snapshot"), "snapshot_uuid": None,
                                    "replicated_at": t.get("replicated_at"), "runs": []}
+    _check_targets(vol, out["targets"])
     return out
+
+
+# The shape every reader of a target record relies on (replicate, plan, retention, status): a
+# record that does not have it is refused here with one clear error, never met later as a
+# TypeError or AttributeError deep in a run (issue 8: fuzzed replication.json).
+_STR_FIELDS = ("kind", "snapshot", "snapshot_uuid", "head_uuid", "replicated_at", "last_error", "dr_volume")
+_PROGRESS_STR = ("snapshot", "snapshot_uuid", "base_uuid", "mode", "token", "extents_sha256")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pairs(v, second) -> bool:
+    return isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and second(p[1])
+                                       for p in v)
+
+
+def _is_hex(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        bytes.fromhex(v)
+    except ValueError:
+        return False
+    return True
+
+
+def _target_problem(t) -> str | None:
+    if not isinstance(t, dict):
+        return "not an object"
+    for k in _STR_FIELDS:
+        if t.get(k) is not None and not isinstance(t[k], str):
+            return f"{k} is not a string"
+    p = t.get("in_progress")
+    if p is not None:
+        if not isinstance(p, dict):
+            return "in_progress is not an object"
+        for k in _PROGRESS_STR:
+            if p.get(k) is not None and not isinstance(p[k], str):
+                return f"in_progress.{k} is not a string"
+        if p.get("done_upto") is not None and not (_is_int(p["done_upto"]) and p["done_upto"] >= 0):
+            return "in_progress.done_upto is not a byte count"
+        if p.get("dr_dirty") is not None and not _pairs(p["dr_dirty"], _is_int):
+            return "in_progress.dr_dirty is not a list of [offset, length]"
+    for k in ("last_success", "last_failure"):
+        r = t.get(k)
+        if r is not None and (not isinstance(r, dict) or (r.get("at") is not None and not isinstance(r["at"], str))):
+            return f"{k} is not a run record"
+    runs = t.get("runs")
+    if runs is not None and not (isinstance(runs, list) and all(isinstance(r, dict) for r in runs)):
+        return "runs is not a list of run records"
+    fp = t.get("fingerprint")
+    if fp is not None:
+        if not isinstance(fp, dict):
+            return "fingerprint is not an object"
+        for k in ("size", "target_size"):
+            if fp.get(k) is not None and not _is_int(fp[k]):
+                return f"fingerprint.{k} is not an integer"
+        if fp.get("chunks") is not None and not _pairs(fp["chunks"], _is_hex):
+            return "fingerprint.chunks is not a list of [index, hex digest]"
+    return None
+
+
+def _check_targets(vol: Path, targets: dict) -> None:
+    for uri, t in targets.items():
+        why = _target_problem(t)
+        if why:
+            raise BlockrepError(f"{vol / FILE} is damaged (target {uri!r}: {why}); "
+                                "move it away to start replication records anew")
 
 
 @contextlib.contextmanager
