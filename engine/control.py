@@ -31,7 +31,7 @@ from .errors import BlockrepError, CorruptionError, ServerError, from_errno
 log = logging.getLogger("blockrep.control")
 MAX_REQUEST = 1 << 20
 REQUEST_DEADLINE = 10.0  # seconds for a client to send its whole request
-MAX_CLIENTS = 32  # connections being read at once; more are closed at once
+MAX_CLIENTS = 32  # connections being read at once; more wait in the listen backlog
 
 
 def socket_path(vol: Path) -> Path:
@@ -83,9 +83,12 @@ class ControlServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            if not self._clients.acquire(blocking=False):
-                conn.close()  # too many clients at once: refuse this one, keep serving
-                continue
+            # Too many clients being read at once: wait for a slot (each frees within
+            # REQUEST_DEADLINE), so that later clients queue in the backlog instead of failing.
+            while not self._clients.acquire(timeout=1):
+                if self._stopping:
+                    conn.close()
+                    return
             threading.Thread(target=self._client, args=(conn,), name="blockrep-control-client",
                              daemon=True).start()
 

@@ -348,27 +348,13 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0, force: bool =
     # nbdkit answers SIGTERM by refusing new requests but waits for connected clients to leave.
     # So: make everything durable and checkpoint first (control socket), ask nicely, and if a
     # client keeps the server alive past the grace period, SIGKILL it: nothing is lost.
-    try:
-        control.call(vol, "flush", timeout=timeout)
-    except ServerError:
-        pass  # no control socket (an older server, or it is dying): SIGTERM still flushes
-    except BlockrepError as e:  # it answered: it cannot make the volume durable
-        if not force:
-            raise ServerError(
-                f"not stopping {vol}: the server cannot make its data durable ({e}); it keeps "
-                "running so that nothing is lost. Free space or fix the disk and run stop again, "
-                "or stop --force (writes since the last flush are then lost)") from None
-        print(f"blockrep: warning: stopping {vol} without making it durable ({e}): writes since "
-              "the last flush are lost", file=sys.stderr)
+    _durable_or_refuse(vol, timeout, force)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.02)
     if _alive(pid):
-        try:
-            control.call(vol, "flush", timeout=timeout)
-        except BlockrepError:
-            pass
+        _durable_or_refuse(vol, timeout, force, clients_left=True)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _alive(pid):
@@ -389,6 +375,38 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0, force: bool =
     while Lock.held(vol) and time.monotonic() < deadline:
         time.sleep(0.02)
     return True
+
+
+def _durable_or_refuse(vol: Path, timeout: float, force: bool, clients_left: bool = False) -> None:
+    """Make the served volume durable through its control socket before it is signalled, or
+    refuse (ServerError) unless force: a server that cannot flush (full or failing disk) or
+    cannot be reached keeps its acknowledged writes in memory only while it runs."""
+    why = None
+    if control.socket_path(vol).exists():
+        deadline = time.monotonic() + min(timeout, 2 * control.REQUEST_DEADLINE + 5)
+        while True:  # busy (other clients being read): try again until a slot frees
+            try:
+                control.call(vol, "flush", timeout=timeout)
+                return
+            except ServerError as e:
+                why = f"its control socket does not answer ({e})"
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.5)
+            except BlockrepError as e:  # it answered: it cannot make the volume durable
+                why = f"the server cannot make its data durable ({e})"
+                break
+    elif not clients_left:
+        return  # no control socket (an older server, or it is dying): SIGTERM flushes on exit
+    else:
+        why = "its control socket is gone"
+    if not force:
+        what = "it is shutting down but clients are still connected" if clients_left else \
+            "it keeps running so that nothing is lost"
+        raise ServerError(f"not stopping {vol}: {why}; {what}. Free space or fix the disk and run stop "
+                          "again, or stop --force (writes since the last flush are then lost)")
+    print(f"blockrep: warning: stopping {vol} without making it durable ({why}): writes since "
+          "the last flush are lost", file=sys.stderr)
 
 
 def ensure_not_served(vol: Path) -> None:

@@ -13,8 +13,7 @@ started by `blockrep serve`, real clients (libnbd's `nbd` module, raw sockets on
 - io_fault= (engine/faults.py) through a real nbdkit: a request whose disk I/O failed gets an
   error reply, never success; later requests work; everything acknowledged and flushed survives.
 
-Known defect (strict xfail, last test): `stop` on a full disk while the control socket's client
-slots are all taken stops the server and loses the acknowledged writes.
+- The refusal holds while every control-socket client slot is taken (stop waits for a slot).
 """
 
 from __future__ import annotations
@@ -556,11 +555,6 @@ def test_a_persistent_fdatasync_failure_fails_every_flush_and_fua_write(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 8 follow-up: with MAX_CLIENTS (32) control connections busy the server closes stop's "
-    "flush request unanswered; server.stop() takes that ServerError for 'no control socket' and "
-    "sends SIGTERM; the plugin's close then fails with ENOSPC and the acknowledged writes are lost "
-    "while stop exits 0"))
 def test_stop_on_a_full_disk_refuses_even_while_the_control_socket_is_saturated(small_fs, make_server):
     """The refusal must not depend on stop's flush request getting through: 40 idle clients
     fill the control socket's client slots, then the disk fills."""
