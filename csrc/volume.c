@@ -47,6 +47,7 @@ enum { R_WRITE = 1, R_ZERO = 2, R_TRIM = 3, R_RELOC = 4, R_FLUSH = 5, R_SNAP = 6
 enum { F_COMP = 1, F_MORE = 2, F_FIRST = 4 };
 
 typedef struct seg_info {
+    uint64_t id;
     int fd;               /* -1 when the segment does not exist */
     uint8_t *map;         /* read-only shared mapping of the file (reads are memcpy, no syscall) */
     size_t map_len;
@@ -79,8 +80,8 @@ struct vol {
     blockmap *head;
     uint32_t gen;
     uint64_t next_seq;
-    seg_info *segs;
-    uint64_t nsegs_cap;
+    seg_info *segs;           /* sorted by id; see seg_find */
+    size_t nsegs, nsegs_cap;
     uint64_t active;          /* id of the active segment */
     uint64_t active_off;      /* logical end of the active segment (file + buffer) */
     uint64_t wbase;           /* file offset of wbuf[0]: a multiple of wbuf_cap (the window) */
@@ -95,7 +96,8 @@ struct vol {
     uint64_t ckpt_size;
     uint64_t corrupt_reads;
     uint64_t gc_segments, gc_bytes_moved;
-    uint64_t gc_busy;         /* segment being collected (0: none): never retired meanwhile */
+    uint64_t gc_busy;
+    uint64_t max_seen_id;     /* highest segment id in the checkpoint: never reused */         /* segment being collected (0: none): never retired meanwhile */
     ZSTD_CCtx *cctx;
     ZSTD_DCtx *dctx;
     uint8_t *zbuf;            /* compression scratch */
@@ -134,22 +136,64 @@ static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); r
 
 /* ---------- segment table ---------- */
 
-static int seg_reserve(vol *v, uint64_t id)
+/* The segment table is a dense array sorted by id, searched by bisection (the newest, the
+ * active segment, first): its memory follows the segments that exist, not the highest id the
+ * log ever used (a long-lived volume, or a hostile file name such as 000000000fffffff.seg). */
+static seg_info *seg_find(vol *v, uint64_t id)
 {
-    if (id < v->nsegs_cap)
-        return 0;
-    uint64_t cap = v->nsegs_cap ? v->nsegs_cap : 64;
-    while (cap <= id)
-        cap *= 2;
-    seg_info *n = realloc(v->segs, cap * sizeof *n);
-    if (!n)
-        return fail(ENOMEM, "out of memory for the segment table");
-    for (uint64_t i = v->nsegs_cap; i < cap; i++)
-        n[i] = (seg_info){.fd = -1};
-    v->segs = n;
-    v->nsegs_cap = cap;
-    return 0;
+    size_t lo = 0, hi = v->nsegs;
+    if (hi && v->segs[hi - 1].id == id)
+        return &v->segs[hi - 1];
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v->segs[mid].id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < v->nsegs && v->segs[lo].id == id ? &v->segs[lo] : NULL;
 }
+
+/* The entry for id, added (fd -1) when absent; entries of retired segments are dropped first.
+ * Moves entries: no seg_info pointer survives a call. NULL + ENOMEM. */
+static seg_info *seg_add(vol *v, uint64_t id)
+{
+    seg_info *f = seg_find(v, id);
+    if (f)
+        return f;
+    size_t j = 0;
+    for (size_t i = 0; i < v->nsegs; i++) {
+        seg_info *g = &v->segs[i];
+        if (g->fd < 0 && !g->map && !g->total_blocks && !g->live_blocks)
+            continue;
+        v->segs[j++] = *g;
+    }
+    v->nsegs = j;
+    if (v->nsegs == v->nsegs_cap) {
+        size_t cap = v->nsegs_cap ? v->nsegs_cap * 2 : 64;
+        seg_info *n = realloc(v->segs, cap * sizeof *n);
+        if (!n) {
+            fail(ENOMEM, "out of memory for the segment table");
+            return NULL;
+        }
+        v->segs = n;
+        v->nsegs_cap = cap;
+    }
+    size_t lo = 0, hi = v->nsegs;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v->segs[mid].id < id)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    memmove(&v->segs[lo + 1], &v->segs[lo], (v->nsegs - lo) * sizeof *v->segs);
+    v->segs[lo] = (seg_info){.id = id, .fd = -1};
+    v->nsegs++;
+    return &v->segs[lo];
+}
+
+static inline seg_info *active_seg(vol *v) { return seg_find(v, v->active); }
 
 static void seg_name(char *buf, uint64_t id) { snprintf(buf, 32, "%016llx.seg", (unsigned long long)id); }
 
@@ -183,7 +227,7 @@ static int flush_wbuf(vol *v)
     if (v->written_off >= end)
         return 0;
     size_t from = (size_t)(v->written_off - v->wbase);
-    if (full_pwrite(v->segs[v->active].fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
+    if (full_pwrite(active_seg(v)->fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
         return fail(errno, "writing segment %llu: %s", (unsigned long long)v->active, strerror(errno));
     v->written_off = end;
     return 0;
@@ -196,7 +240,7 @@ static int wb_slide(vol *v)
     uint64_t end = v->wbase + v->wbuf_cap;
     size_t from = (size_t)(v->written_off - v->wbase);
     if (v->written_off < end &&
-        full_pwrite(v->segs[v->active].fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
+        full_pwrite(active_seg(v)->fd, v->wbuf + from, (size_t)(end - v->written_off), v->written_off) < 0)
         return fail(errno, "writing segment %llu: %s", (unsigned long long)v->active, strerror(errno));
     v->written_off = end;
     v->wbase = end;
@@ -218,7 +262,7 @@ static size_t seg_map_len(vol *v, uint64_t file_size)
 
 static int seg_map(vol *v, uint64_t id)
 {
-    seg_info *s = &v->segs[id];
+    seg_info *s = seg_find(v, id);
     s->map_len = seg_map_len(v, s->file_size);
     void *m = mmap(NULL, s->map_len, PROT_READ, MAP_SHARED, s->fd, 0);
     if (m == MAP_FAILED) {
@@ -232,7 +276,9 @@ static int seg_map(vol *v, uint64_t id)
 /* Remove a segment: recycle its file into the pool when there is room, else unlink it. */
 static void seg_retire(vol *v, uint64_t id, int recycle)
 {
-    seg_info *s = &v->segs[id];
+    seg_info *s = seg_find(v, id);
+    if (!s)
+        return;
     char name[32], fname[32];
     seg_name(name, id);
     if (s->map)
@@ -244,14 +290,14 @@ static void seg_retire(vol *v, uint64_t id, int recycle)
             v->pool[v->npool].old_id = id;
             v->pool[v->npool].size = s->file_size;
             v->npool++;
-            *s = (seg_info){.fd = -1};
+            *s = (seg_info){.id = id, .fd = -1};
             v->dir_dirty = 1;
             return;
         }
     }
     close(s->fd);
     (void)io_unlinkat(v->segdirfd, name); /* if it fails, the next open deletes it (unreferenced) */
-    *s = (seg_info){.fd = -1};
+    *s = (seg_info){.id = id, .fd = -1};
     v->dir_dirty = 1;
 }
 
@@ -274,9 +320,10 @@ static int create_segment(vol *v, uint64_t id)
 {
     char name[32];
     if (id > SEG_ID_MAX) /* a map entry holds 28 bits of segment id (blockmap.h) */
-        return fail(EFBIG, "the log has used every segment id (%llu); copy the volume to a new one",
-                    (unsigned long long)SEG_ID_MAX);
-    if (seg_reserve(v, id) < 0)
+        return fail(EFBIG, "no segment id left after %016llx.seg (the last one, %llu): a misnamed file, "
+                    "or a log that used them all (then copy the volume to a new one)",
+                    (unsigned long long)(id - 1), (unsigned long long)SEG_ID_MAX);
+    if (!seg_add(v, id))
         return -1;
     seg_name(name, id);
     int fd = -1;
@@ -308,11 +355,11 @@ static int create_segment(vol *v, uint64_t id)
         (void)io_unlinkat(v->segdirfd, name);
         return fail(e, "writing segment header %s: %s", name, strerror(e));
     }
-    v->segs[id] = (seg_info){.fd = fd, .needs_sync = 1};
+    *seg_find(v, id) = (seg_info){.id = id, .fd = fd, .needs_sync = 1};
     if (seg_map(v, id) < 0) {
         int e = errno;
         close(fd);
-        v->segs[id] = (seg_info){.fd = -1};
+        *seg_find(v, id) = (seg_info){.id = id, .fd = -1};
         (void)io_unlinkat(v->segdirfd, name);
         return fail(e, "mapping segment %s: %s", name, strerror(e));
     }
@@ -329,7 +376,7 @@ static int rotate(vol *v)
 {
     if (flush_wbuf(v) < 0)
         return -1;
-    seg_info *s = &v->segs[v->active];
+    seg_info *s = active_seg(v); /* not used after create_segment (which moves entries) */
     uint64_t old = v->active, old_off = v->active_off, old_base = v->wbase;
     size_t old_len = v->wbuf_len;
     /* Cut a recycled file's stale tail. Recovery would reject its records (older sequence
@@ -424,9 +471,10 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
     if (type != R_FLUSH)
         v->req_first = 0;
     v->since_ckpt += reclen;
-    v->segs[v->active].needs_sync = 1;
+    seg_info *as = active_seg(v);
+    as->needs_sync = 1;
     if (type == R_WRITE || type == R_RELOC)
-        v->segs[v->active].total_blocks += nblocks;
+        as->total_blocks += nblocks;
     if (type != R_FLUSH)
         v->records_since_marker = 1;
     if (rec_off_out)
@@ -440,11 +488,11 @@ static int sync_all(vol *v)
 {
     if (flush_wbuf(v) < 0)
         return -1;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+    for (size_t i = 0; i < v->nsegs; i++) {
         seg_info *s = &v->segs[i];
         if (s->fd >= 0 && s->needs_sync) {
             if (io_fdatasync(s->fd) < 0)
-                return fail(errno, "fdatasync of segment %llu: %s", (unsigned long long)i,
+                return fail(errno, "fdatasync of segment %llu: %s", (unsigned long long)s->id,
                             strerror(errno));
             s->needs_sync = 0;
         }
@@ -504,17 +552,20 @@ static int log_rewind(vol *v, const log_pos *p)
 static void live_hook(void *ctx, const bm_leaf *l, int delta)
 {
     vol *v = ctx;
+    seg_info *g = NULL;
     for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
         unsigned k = bm_kind(l->e[i].loc);
         if (k != BM_DATA && k != BM_COMP)
             continue;
-        uint64_t s = bm_seg(l->e[i].loc);
-        if (s >= v->nsegs_cap)
+        uint64_t id = bm_seg(l->e[i].loc);
+        if (!g || g->id != id)
+            g = seg_find(v, id); /* neighbours mostly live in one segment */
+        if (!g)
             continue;
         if (delta > 0)
-            v->segs[s].live_blocks++;
-        else if (v->segs[s].live_blocks)
-            v->segs[s].live_blocks--;
+            g->live_blocks++;
+        else if (g->live_blocks)
+            g->live_blocks--;
     }
 }
 
@@ -543,9 +594,9 @@ static void unref_old(vol *v, bm_entry old)
 {
     unsigned k = bm_kind(old.loc);
     if (k == BM_DATA || k == BM_COMP) {
-        uint64_t s = bm_seg(old.loc);
-        if (s < v->nsegs_cap && v->segs[s].live_blocks)
-            v->segs[s].live_blocks--;
+        seg_info *g = seg_find(v, bm_seg(old.loc));
+        if (g && g->live_blocks)
+            g->live_blocks--;
     }
 }
 
@@ -556,8 +607,11 @@ static int map_set(vol *v, uint64_t lba, bm_entry e)
         return fail(ENOMEM, "out of memory for the block map");
     unref_old(v, old);
     unsigned k = bm_kind(e.loc);
-    if (k == BM_DATA || k == BM_COMP)
-        v->segs[bm_seg(e.loc)].live_blocks++;
+    if (k == BM_DATA || k == BM_COMP) {
+        seg_info *g = seg_find(v, bm_seg(e.loc));
+        if (g)
+            g->live_blocks++;
+    }
     return 0;
 }
 
@@ -601,13 +655,15 @@ static inline int in_wbuf(vol *v, uint64_t seg, uint64_t off)
 
 static int read_bytes(vol *v, uint64_t seg, uint64_t off, void *dst, size_t len)
 {
+    if (seg == v->active && off + len > v->active_off) /* a map entry past the log's end: damage */
+        return fail(EBADMSG, "block beyond the end of the log in segment %llu", (unsigned long long)seg);
     if (in_wbuf(v, seg, off)) {
         memcpy(dst, v->wbuf + (off - v->wbase), len);
         return 0;
     }
-    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || !v->segs[seg].map)
+    seg_info *s = seg_find(v, seg);
+    if (!s || s->fd < 0 || !s->map)
         return fail(EBADMSG, "block refers to missing segment %llu", (unsigned long long)seg);
-    seg_info *s = &v->segs[seg];
     if (seg == v->active && off + len > v->wbase) {
         /* straddles file and window: bytes below wbase are in the file */
         size_t a = (size_t)(v->wbase - off);
@@ -1168,8 +1224,25 @@ static int snaps_reserve(vol *v)
     return 0;
 }
 
+/* A snapshot name: 1 to 64 of A-Z a-z 0-9 . _ - (the command-line contract's rule). */
+static int snap_name_ok(const char *name)
+{
+    size_t n = strlen(name);
+    if (n == 0 || n > VOL_SNAP_NAME_MAX)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = name[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+              c == '-'))
+            return 0;
+    }
+    return 1;
+}
+
 /* Add a snapshot with this map (taken over), or a clone of the head when map is NULL. A nil
- * uuid (recorded by an older version) is replaced by the derived one. */
+ * uuid (recorded by an older version) is replaced by the derived one; a name that is not a valid
+ * name (only a forged or mis-written record has one) by damaged-name-ID, so that the volume
+ * still opens and the snapshot can be listed, read and deleted. */
 static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const char *name,
                     const uint8_t *uuid, uint32_t flags, blockmap *map)
 {
@@ -1182,7 +1255,10 @@ static int snap_add(vol *v, uint32_t id, uint32_t gen, uint64_t created, const c
     sn->id = id;
     sn->gen = gen;
     sn->created = created;
-    snprintf(sn->name, sizeof sn->name, "%s", name);
+    if (snap_name_ok(name))
+        snprintf(sn->name, sizeof sn->name, "%s", name);
+    else
+        snprintf(sn->name, sizeof sn->name, "damaged-name-%u", id);
     if (uuid && !uuid_is_nil(uuid))
         memcpy(sn->uuid, uuid, 16);
     else
@@ -1219,8 +1295,8 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
     size_t nl = strlen(name);
-    if (nl == 0 || nl > VOL_SNAP_NAME_MAX)
-        return fail(EINVAL, "snapshot name must be 1 to %d characters", VOL_SNAP_NAME_MAX);
+    if (!snap_name_ok(name))
+        return fail(EINVAL, "snapshot name must be 1 to %d of A-Z a-z 0-9 . _ -", VOL_SNAP_NAME_MAX);
     if (uuid && uuid_is_nil(uuid))
         return fail(EINVAL, "the nil uuid cannot identify a snapshot");
     pthread_mutex_lock(&v->lock);
@@ -1574,7 +1650,7 @@ static int checkpoint_serialised(vol *v)
     blockmap **maps = calloc(nmaps, sizeof *maps);
     snap *meta = calloc(nmaps, sizeof *meta);
     uint64_t nsegs = 0;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+    for (size_t i = 0; i < v->nsegs; i++)
         nsegs += v->segs[i].fd >= 0;
     uint64_t *segtab = malloc((nsegs ? nsegs : 1) * 16);
     int *syncfds = malloc((nsegs ? nsegs : 1) * sizeof *syncfds);
@@ -1601,8 +1677,9 @@ static int checkpoint_serialised(vol *v)
     meta[0].gen = v->gen;
     uint64_t j = 0, nsync = 0, ndead = 0;
     int dup_err = 0;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
-        seg_info *g = &v->segs[i];
+    for (size_t si = 0; si < v->nsegs; si++) {
+        seg_info *g = &v->segs[si];
+        uint64_t i = g->id;
         if (g->fd < 0)
             continue;
         segtab[2 * j] = i;
@@ -1747,9 +1824,11 @@ static int checkpoint_serialised(vol *v)
     v->since_ckpt -= since;
     v->ckpt_size = size;
     for (uint64_t i = 0; i < ndead; i++) /* dead when frozen: no checkpoint needs them now */
-        if (dead[i] < v->nsegs_cap && v->segs[dead[i]].fd >= 0 && v->segs[dead[i]].live_blocks == 0 &&
-            dead[i] != v->gc_busy)
+    {
+        seg_info *g = seg_find(v, dead[i]);
+        if (g && g->fd >= 0 && g->live_blocks == 0 && dead[i] != v->gc_busy)
             seg_retire(v, dead[i], 1);
+    }
     pthread_mutex_unlock(&v->lock);
     free(dead);
     return 0;
@@ -1809,11 +1888,14 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
     }
     for (uint32_t i = 0; i < nsegs; i++, pos += 16) {
         uint64_t id = get64(d + pos);
-        if (id > SEG_ID_MAX || seg_reserve(v, id) < 0) {
+        seg_info *g = id > SEG_ID_MAX || id == 0 ? NULL : seg_add(v, id);
+        if (!g) {
             fail(EBADMSG, "checkpoint is corrupt (segment id)");
             goto out;
         }
-        v->segs[id].total_blocks = get64(d + pos + 8);
+        g->total_blocks = get64(d + pos + 8);
+        if (id > v->max_seen_id)
+            v->max_seen_id = id;
     }
     nl = get64(d + pos);
     pos += 8;
@@ -1981,7 +2063,7 @@ static int rec_data_ok(const rec *r)
 static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
 {
     if (r->type == R_WRITE || r->type == R_RELOC) {
-        v->segs[seg].total_blocks += r->nblocks;
+        seg_find(v, seg)->total_blocks += r->nblocks;
         for (uint32_t b = 0; b < r->nblocks; b++) {
             bm_entry e;
             if (r->flags & F_COMP)
@@ -2067,7 +2149,7 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
     if (fd < 0)
         return fail(errno, "opening segment %s: %s%s", name, strerror(errno),
                     errno == ELOOP ? " (a symbolic link: refused)" : "");
-    if (seg_reserve(v, id) < 0) {
+    if (!seg_add(v, id)) {
         close(fd);
         return -1;
     }
@@ -2081,10 +2163,10 @@ static int open_segment_file(vol *v, uint64_t id, segmap *out)
         close(fd);
         return fail(EBADMSG, "segment %s is not a regular file", name);
     }
-    v->segs[id].fd = fd;
-    v->segs[id].file_size = (uint64_t)st.st_size;
+    seg_find(v, id)->fd = fd;
+    seg_find(v, id)->file_size = (uint64_t)st.st_size;
     if (seg_map(v, id) < 0) {
-        v->segs[id].fd = -1;
+        seg_find(v, id)->fd = -1;
         close(fd);
         return -1;
     }
@@ -2105,13 +2187,13 @@ static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
     rep->torn_bytes_dropped += sm->len - pos;
     if (v->p.readonly) { /* leave the files alone: only this process's view ends there */
         if (pos <= SEG_HDR) {
-            seg_info *g = &v->segs[sm->id];
+            seg_info *g = seg_find(v, sm->id);
             if (g->map)
                 munmap(g->map, g->map_len);
             close(g->fd);
-            *g = (seg_info){.fd = -1};
+            *g = (seg_info){.id = sm->id, .fd = -1};
         } else {
-            v->segs[sm->id].file_size = pos;
+            seg_find(v, sm->id)->file_size = pos;
         }
         sm->len = pos;
         return 0;
@@ -2121,9 +2203,9 @@ static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
         seg_retire(v, sm->id, 0);
         rep->segments_deleted++;
     } else {
-        if (io_ftruncate(v->segs[sm->id].fd, pos) < 0)
+        if (io_ftruncate(seg_find(v, sm->id)->fd, pos) < 0)
             return fail(errno, "truncating torn segment: %s", strerror(errno));
-        v->segs[sm->id].file_size = pos;
+        seg_find(v, sm->id)->file_size = pos;
     }
     sm->len = pos;
     v->dir_dirty = 1;
@@ -2147,7 +2229,7 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
     }
     for (size_t i = 0; i < nsm; i++) {
         if (sm[i].len) {
-            sm[i].d = mmap(NULL, sm[i].len, PROT_READ, MAP_PRIVATE, v->segs[sm[i].id].fd, 0);
+            sm[i].d = mmap(NULL, sm[i].len, PROT_READ, MAP_PRIVATE, seg_find(v, sm[i].id)->fd, 0);
             if (sm[i].d == MAP_FAILED) {
                 sm[i].d = NULL;
                 r = fail(errno, "mapping segment: %s", strerror(errno));
@@ -2295,7 +2377,7 @@ static size_t total_leaves(vol *v)
 
 static int recount_live(vol *v)
 {
-    for (uint64_t i = 0; i < v->nsegs_cap; i++)
+    for (size_t i = 0; i < v->nsegs; i++)
         v->segs[i].live_blocks = 0;
     leafset ls;
     if (leafset_init(&ls, total_leaves(v)) < 0)
@@ -2326,7 +2408,7 @@ static void vol_free(vol *v)
 {
     if (!v)
         return;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
+    for (size_t i = 0; i < v->nsegs; i++) {
         if (v->segs[i].map)
             munmap(v->segs[i].map, v->segs[i].map_len);
         if (v->segs[i].fd >= 0)
@@ -2479,6 +2561,10 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
         goto err;
     }
     uint64_t maxid = nids ? ids[nids - 1] : 0;
+    if (v->max_seen_id > maxid) /* the newest segment was lost: its id is never given again */
+        maxid = v->max_seen_id;
+    if (rseg > maxid)
+        maxid = rseg;
     free(ids);
     if (recount_live(v) < 0)
         goto err;
@@ -2486,13 +2572,16 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     for (uint32_t i = 0; i < v->nsnaps; i++)
         v->snaps[i].map->hooks = &v->hooks;
     /* segments older than the replay start that nothing references: left by the collector */
-    for (uint64_t i = 0; i < v->nsegs_cap && i < rseg; i++)
+    for (size_t i = 0; i < v->nsegs && v->segs[i].id < rseg; i++)
         if (!p->readonly && v->segs[i].fd >= 0 && v->segs[i].live_blocks == 0) {
-            seg_retire(v, i, 0);
+            seg_retire(v, v->segs[i].id, 0);
             rep->segments_deleted++;
         }
-    for (uint64_t i = 0; i < v->nsegs_cap; i++)
-        v->since_ckpt += (i >= rseg && v->segs[i].fd >= 0) ? v->segs[i].file_size - (i == rseg && v->segs[i].file_size >= roff ? roff - SEG_HDR : 0) : 0;
+    for (size_t i = 0; i < v->nsegs; i++) {
+        seg_info *g = &v->segs[i];
+        if (g->id >= rseg && g->fd >= 0)
+            v->since_ckpt += g->file_size - (g->id == rseg && g->file_size >= roff ? roff - SEG_HDR : 0);
+    }
     if (p->readonly) {
         v->active = UINT64_MAX; /* no segment to append to: every change is refused (EROFS) */
         return v;
@@ -2544,8 +2633,9 @@ int64_t vol_gc_pick(vol *v, double ratio)
     uint64_t used = 0, live = 0;
     int64_t best = 0;
     double best_ratio = 2.0;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
-        seg_info *s = &v->segs[i];
+    for (size_t si = 0; si < v->nsegs; si++) {
+        seg_info *s = &v->segs[si];
+        uint64_t i = s->id;
         if (s->fd < 0 || (i != v->active && s->live_blocks == 0))
             continue; /* dead segments go at the next checkpoint: not the collector's work */
         uint64_t fsz = i == v->active ? v->active_off : s->file_size;
@@ -2581,10 +2671,11 @@ static void relocate_all(vol *v, uint64_t lba, uint64_t old_loc, uint64_t new_lo
 {
     for (uint32_t m = 0; m <= v->nsnaps; m++)
         if (blockmap_relocate(m ? v->snaps[m - 1].map : v->head, lba, old_loc, new_loc)) {
-            uint64_t os = bm_seg(old_loc), ns = bm_seg(new_loc);
-            if (v->segs[os].live_blocks)
-                v->segs[os].live_blocks--;
-            v->segs[ns].live_blocks++;
+            seg_info *os = seg_find(v, bm_seg(old_loc)), *ns = seg_find(v, bm_seg(new_loc));
+            if (os && os->live_blocks)
+                os->live_blocks--;
+            if (ns)
+                ns->live_blocks++;
         }
 }
 
@@ -2593,7 +2684,8 @@ int vol_gc_segment(vol *v, uint64_t seg)
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
     pthread_mutex_lock(&v->lock);
-    if (seg >= v->nsegs_cap || v->segs[seg].fd < 0 || seg == v->active || v->gc_busy) {
+    seg_info *victim = seg_find(v, seg);
+    if (!victim || victim->fd < 0 || seg == v->active || v->gc_busy) {
         pthread_mutex_unlock(&v->lock);
         return fail(EINVAL, "segment %llu is not a sealed segment (or a collection is running)",
                     (unsigned long long)seg);
@@ -2602,8 +2694,8 @@ int vol_gc_segment(vol *v, uint64_t seg)
      * block moves, it is dead, and a recycled file would be truncated and rewritten under our
      * mapping (SIGBUS, found by the sanitizer stress). gc_busy keeps it until we are done. */
     v->gc_busy = seg;
-    size_t len = (size_t)v->segs[seg].file_size;
-    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, v->segs[seg].fd, 0) : MAP_FAILED;
+    size_t len = (size_t)victim->file_size;
+    uint8_t *d = len ? mmap(NULL, len, PROT_READ, MAP_PRIVATE, victim->fd, 0) : MAP_FAILED;
     int merr = errno;
     pthread_mutex_unlock(&v->lock);
     if (d == MAP_FAILED) {
@@ -2701,8 +2793,9 @@ int vol_get_stats(vol *v, vol_stats *s)
     memset(s, 0, sizeof *s);
     pthread_mutex_lock(&v->lock);
     s->size = v->p.size;
-    for (uint64_t i = 0; i < v->nsegs_cap; i++) {
-        seg_info *g = &v->segs[i];
+    for (size_t si = 0; si < v->nsegs; si++) {
+        seg_info *g = &v->segs[si];
+        uint64_t i = g->id;
         if (g->fd < 0)
             continue;
         s->segments++;

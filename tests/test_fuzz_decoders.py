@@ -173,7 +173,6 @@ def _open_in_child(vol: Path, timeout: float = 20) -> str:
 # the table to 2^28 entries of 56 bytes and fill them in a loop: ~26 s and 14 GB RSS measured
 # here; under a 2 GiB RLIMIT_AS it fails "out of memory for the segment table". Memory must follow
 # the segments that exist (a sparse table, or ids checked against the log before reserving).
-@pytest.mark.xfail(strict=True, reason="issue 8: segment file 000000000fffffff.seg: 15 GB segment table (seg_reserve)")
 def test_segment_file_with_the_largest_id_needs_bounded_memory(tmp_path):
     vol = _volume(tmp_path)
     (vol / "segments" / "000000000fffffff.seg").write_bytes(b"")
@@ -199,7 +198,6 @@ def test_segment_file_with_an_id_out_of_range_is_refused(tmp_path, name):
 # ("block refers to missing segment 2") where read-write recovery returned bytes left in reused
 # heap memory. Expected: refuse to open (a segment the checkpoint references is missing), or at
 # least never reuse an id the checkpoint's segment table names.
-@pytest.mark.xfail(strict=True, reason="issue 8: lost newest segment: its id is reused by the new active segment")
 def test_lost_newest_segment_id_is_not_reused(tmp_path):
     from engine.errors import CorruptionError
     vol = tmp_path / "vol"
@@ -284,7 +282,6 @@ def test_worker_reports_a_crash_with_the_input_saved(tmp_path, monkeypatch):
 # every command that lists snapshots (open for info/list/diff, replication, the control socket)
 # fail with UnicodeDecodeError instead of a BlockrepError. Expected: names outside
 # [A-Za-z0-9._-]{1,64} refused at recovery as corruption (or decoded with a clear error).
-@pytest.mark.xfail(strict=True, reason="issue 8: non-UTF-8 snapshot name in a SNAP record: UnicodeDecodeError")
 def test_snapshot_record_with_a_non_utf8_name_is_a_clean_error(tmp_path):
     vol = tmp_path / "vol"
     volume.create(vol, 4 << 20, segment_size=1 << 20)
@@ -305,7 +302,6 @@ def test_snapshot_record_with_a_non_utf8_name_is_a_clean_error(tmp_path):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="issue 8: non-UTF-8 snapshot name in the checkpoint: UnicodeDecodeError")
 def test_fuzz_finding_f4_checkpoint_replays(monkeypatch):
     monkeypatch.setenv("BLOCKREP_FUZZ_ALL", "1")  # the plans as the long tier made them
     data = (CORPUS / "known" / "checkpoint-f4-non-utf8-snapshot-name.bin").read_bytes()

@@ -399,7 +399,9 @@ def exercise(work: Path, m: Model | None, ckpt_ok: bool) -> str:
         v = Volume.open(work)
     except Exception as e:
         check_error(e, "open")
-        if ro_state is not None:
+        # the one allowed difference: a file named with the last segment id leaves the log no id
+        # to append with (read-only needs none)
+        if ro_state is not None and "segment id" not in str(e):
             raise Violation(f"opens read-only but read-write refuses: {e}") from e
         return "refused"
     try:
@@ -500,7 +502,7 @@ def fx() -> _Fixtures:
 # name makes vol_open allocate and fill a segment table of id entries (unbounded memory; ids from
 # 2^63 loop for ever), so unless BLOCKREP_FUZZ_ALL=1 the plans keep ids small and the regression
 # tests (tests/test_fuzz_decoders.py, xfail) hold the finding.
-AVOID_KNOWN = os.environ.get("BLOCKREP_FUZZ_ALL") != "1"
+AVOID_KNOWN = os.environ.get("BLOCKREP_FUZZ_AVOID_KNOWN") == "1"  # F1, F2, F4 are fixed: full plans
 SEG_NAMES_HUGE = [0, 0xff, 0x3ff] if AVOID_KNOWN else \
     [0, 0x0fffffff, 0x10000000, 0x10000001, 0xffffffff, 0x100000001, 1 << 40, (1 << 63) - 1, 1 << 63, (1 << 64) - 1]
 STRAY_NAMES = ["0000000000000009.seg", "0000000000000001.free", "zzzzzzzzzzzzzzzz.seg", "00000000000000001.seg",
