@@ -94,7 +94,7 @@ TESTS = [
 TARGETS: dict[str, list[tuple[str, float]]] = {
     "randwrite-4k-qd16": [("ceiling", 0.9), ("qemu", 1.0)],
     "randread-4k-qd16": [("ceiling", 0.9), ("qemu", 1.0)],
-    "seqwrite-1M-qd16": [("memory", 0.9)],
+    "seqwrite-1M-qd16": [("file", 1.0), ("qemu", 1.0)],
     "seqread-1M-qd16": [("memory", 0.9)],
 }
 
@@ -285,6 +285,20 @@ class QemuNbd(Server):
         )
 
 
+class NbdkitFile(Server):
+    """nbdkit's C `file` plugin over a fresh sparse file: pwrite/pread into the page cache,
+    the same path a log in segment files takes (anchor for 1 MiB sequential write)."""
+
+    key, letter, label = "file", "f", "nbdkit file"
+    settings = f"truncate -s {EXPORT_SIZE} IMG; nbdkit -f --exit-with-parent -U SOCK file IMG"
+
+    def start(self) -> None:
+        img = self.dir / "disk.img"
+        img.unlink(missing_ok=True)
+        run_checked(["truncate", "-s", EXPORT_SIZE, str(img)])
+        self._spawn(["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "file", str(img)])
+
+
 class Blockrep(Server):
     key, letter, label = "blockrep", "d", "blockrep"
     create_args: ClassVar[list[str]] = []
@@ -387,6 +401,14 @@ class Blockrep(Server):
             kill_pids(left)
 
 
+class BlockrepBase(Blockrep):
+    """Another blockrep build (--blockrep-base PATH), e.g. the commit before a change, measured
+    in the same run as (d) so that before/after is one comparison."""
+
+    key, letter, label = "blockrep-base", "g", "blockrep (base build)"
+    blockrep_bin = Path("blockrep")
+
+
 class BlockrepZstd(Blockrep):
     key, letter, label = "blockrep-zstd", "e", "blockrep zstd"
     create_args: ClassVar[list[str]] = ["--compress", "zstd"]
@@ -479,8 +501,10 @@ class BlockrepTM(Blockrep):
         self.thread_model = thread_model
 
 
-SERVERS: list[type[Server]] = [NbdkitMemory, PythonCeiling, QemuNbd, Blockrep, BlockrepZstd]
-BLOCKREP_KEYS = ("blockrep", "blockrep-zstd")
+SERVERS: list[type[Server]] = [
+    NbdkitMemory, PythonCeiling, QemuNbd, NbdkitFile, Blockrep, BlockrepBase, BlockrepZstd
+]
+BLOCKREP_KEYS = ("blockrep", "blockrep-base", "blockrep-zstd")
 
 
 # ----------------------------------------------------------------------------- fio
@@ -829,7 +853,7 @@ def verdict(results: dict, test: str, key: str) -> tuple[str, str, bool | None]:
     targets = TARGETS.get(test)
     if not targets:
         return "—", "—", None
-    names = {"ceiling": "(b)", "qemu": "(c)", "memory": "(a)"}
+    names = {"ceiling": "(b)", "qemu": "(c)", "memory": "(a)", "file": "(f)"}
     text = ", ".join(f"≥ {m:.1f}× {names[a]}" for a, m in targets)
     misses, unknown = [], False
     for anchor, minimum in targets:
@@ -905,20 +929,20 @@ def report(
         L.append("")
         L.append(
             "Ratios are IOPS ratios (equal to MiB/s ratios, same block size). "
-            "(a) nbdkit memory, (b) Python-plugin ceiling, (c) qemu-nbd qcow2."
+            "(a) nbdkit memory, (b) Python-plugin ceiling, (c) qemu-nbd qcow2, (f) nbdkit file."
         )
         L.append("")
         L.append(
             "| test | server | IOPS | MiB/s | ÷ (b) ceiling | ÷ (c) qemu-nbd | ÷ (a) memory "
-            "| §5 target | result |"
+            "| ÷ (f) file | §5 target | result |"
         )
-        L.append("|---|---|---:|---:|---:|---:|---:|---|---|")
+        L.append("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
         for t in tests:
             for s in brs:
                 r = results.get((t.name, s.key))
                 if r is None:
                     continue
-                rs = [ratio(results, t.name, s.key, a) for a in ("ceiling", "qemu", "memory")]
+                rs = [ratio(results, t.name, s.key, a) for a in ("ceiling", "qemu", "memory", "file")]
                 target, res, ok = verdict(results, t.name, s.key)
                 if r.error and not r.iops:
                     res = short_status(r)
@@ -1076,6 +1100,17 @@ def parse_args(argv=None):
     p.add_argument("--strict", action="store_true", help="exit 1 if a §5 target is missed")
     p.add_argument("--list", action="store_true", help="list tests and servers and exit")
     p.add_argument(
+        "--blockrep-base",
+        type=Path,
+        help="also run (g): blockrep from this executable (another build), same settings as (d)",
+    )
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="every repeat starts every server afresh (fresh image / volume) and runs all the "
+        "tests, servers in an order rotated each repeat; the cell is the median run",
+    )
+    p.add_argument(
         "--thread-models",
         action="store_true",
         help="instead of the servers: the ceiling under SERIALIZE_ALL_REQUESTS and "
@@ -1113,6 +1148,9 @@ def parse_args(argv=None):
         servers = [s for s in SERVERS if s.key in keys]
     else:
         servers = [s for s in SERVERS if s.key != "blockrep-zstd" or args.with_compress]
+        servers = [s for s in servers if s.key != "blockrep-base" or args.blockrep_base]
+    if args.blockrep_base and BlockrepBase not in servers:
+        servers.append(BlockrepBase)
     return args, tests, servers
 
 
@@ -1136,6 +1174,8 @@ def main(argv=None) -> int:
         )
         return 2
     Blockrep.blockrep_bin = args.blockrep.resolve() if args.blockrep.exists() else args.blockrep
+    if args.blockrep_base:
+        BlockrepBase.blockrep_bin = args.blockrep_base.resolve()
 
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally below stops every server.
     def _raise(signum, frame):
@@ -1175,7 +1215,37 @@ def main(argv=None) -> int:
             except ServerError as e:
                 say(f"   {e}")
                 start_errors["thread-models"] = one_line(str(e))
-        for cls in server_classes:
+        if args.interleave:
+            # Every repeat starts every server afresh (new image/volume, own directory) and
+            # runs all the tests once, in an order rotated by one each repeat.
+            per_run: dict[tuple[str, str], list[Result]] = {}
+            reps = args.repeat
+            args.repeat = 1
+            try:
+                for i in range(reps):
+                    k = i % len(server_classes)
+                    for cls in server_classes[k:] + server_classes[:k]:
+                        server = cls(workdir / f"r{i}")
+                        servers.append(server)
+                        one: dict[tuple[str, str], Result] = {}
+                        say(f"-- repeat {i + 1}/{reps}")
+                        try:
+                            bench_server(server, tests, args, fio_extra(args), one, notes)
+                        except ServerError as e:
+                            say(f"   {server.name}: {e}")
+                            start_errors[server.key] = one_line(str(e))
+                        finally:
+                            server.stop()
+                            say(f"   {server.name}: stopped")
+                        for cell, r in one.items():
+                            per_run.setdefault(cell, []).append(r)
+            finally:
+                args.repeat = reps
+                for cell, rs in per_run.items():
+                    results[cell] = median_run(rs)
+                servers[:] = [cls(workdir / "r0") for cls in server_classes] + servers
+                del servers[len(server_classes):]
+        for cls in server_classes if not args.interleave else []:
             server = cls(workdir)
             servers.append(server)
             try:
