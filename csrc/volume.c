@@ -1,5 +1,12 @@
 /* The lsfs volume engine: log records, segments, recovery, checkpoints, the collector.
- * See volume.h for the design notes and docs/FORMAT.md for every byte on disk. */
+ * See volume.h for the design notes and docs/FORMAT.md for every byte on disk.
+ *
+ * Locking rule for this file: v->lock must be held when you call any static function below
+ * that takes a vol (the public vol_* functions take it themselves), except where a function's
+ * comment says it runs without it (the unlocked part of checkpoint_serialised, the reading part
+ * of vol_gc_segment), and during vol_open/vol_free, when no other thread knows v. ckpt_lock is
+ * taken only by vol_checkpoint and vol_gc_segment, always before v->lock. Every system call that
+ * changes a file goes through csrc/io.h (fault injection and recording for the tests). */
 #define _GNU_SOURCE
 #include "volume.h"
 #include "blockmap.h"

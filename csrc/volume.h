@@ -1,12 +1,19 @@
 /* The lsfs volume: a log of checksummed records in segment files plus a block map.
  * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume.py.
  *
+ * Locking (every function below takes what it needs; callers hold nothing):
+ *  - v->lock, one mutex per volume: every public function takes it for its whole duration,
+ *    except vol_checkpoint (it freezes clones of the maps under it, then syncs and serialises
+ *    them without it) and vol_gc_segment (it takes it per record moved).
+ *  - v->ckpt_lock: held by vol_checkpoint for its whole duration (checkpoints take turns: one
+ *    writer of checkpoint.tmp) and by vol_gc_segment around each move (blockmap_relocate edits
+ *    leaves shared with the frozen clones in place, so a move waits until no checkpoint reads
+ *    them). Order: ckpt_lock before lock, never the other way round.
+ *  - csrc/io.c's io_lock guards only the test hooks' settings; it is never held across a call.
+ *  - cffi releases the GIL around each call, so background work (collector, checkpoints) runs
+ *    beside requests. No static buffers: every scratch buffer belongs to a vol or a call.
+ *
  * Notes on the design:
- *  - One mutex per volume. Every public function takes it for its whole duration except
- *    vol_checkpoint (serialises a frozen clone of the map outside it; checkpoints take turns on
- *    a second mutex, ckpt_lock, taken before the first) and vol_gc_segment
- *    (takes it per record moved). cffi releases the GIL around each call, so background
- *    work (collector, checkpoints) runs beside requests.
  *  - Writes are appended to an in-memory window of the active segment (8 MiB, see flush_wbuf) and reach the file
  *    in 2 MiB-aligned pieces when it fills, and whole on flush/FUA, on rotation and on checkpoint. Reads of buffered blocks copy
  *    from the buffer. A flush writes the buffer, fdatasyncs every segment with unsynced bytes and
@@ -15,7 +22,9 @@
  *  - If the buffer cannot be written (ENOSPC, EIO) it is kept: acknowledged data stays readable
  *    from memory, new writes fail with the same errno until a later attempt succeeds.
  *  - Every function returns 0 (or a count) on success, -1 with errno set on failure; a message
- *    for the last failure of the calling thread is in vol_errmsg().
+ *    for the last failure of the calling thread is in vol_errmsg(). EBADMSG means damage (a
+ *    checksum or a structure on disk); EIO, ENOSPC... are the disk's own errors. A failure
+ *    changes nothing, except where noted (vol_snap_create/delete after an fdatasync failure).
  */
 #ifndef BLOCKREP_VOLUME_H
 #define BLOCKREP_VOLUME_H
@@ -90,13 +99,18 @@ int vol_checkpoint(vol *v);
  * create: a SNAP record, a clone of the head's map, a new generation, a flush (durable when it
  * returns). uuid: 16 bytes, the snapshot's identity (a DR snapshot passes the primary's), or
  * NULL for a new random (version 4) one; flags: stored and listed, no meaning to the engine.
- * Errors: EROFS read-only; EINVAL bad name length or the nil uuid; EEXIST a snapshot with that
- * name, or with that uuid, exists (a volume never holds two snapshots with one identity; the
- * message says which); ENOMEM; an errno of getrandom; or the append's errno (ENOSPC, EIO):
- * each of these changes nothing. Only a failure of the final flush returns -1 with the
- * snapshot made (in memory and in the log buffer, like an NBD write whose flush failed: it is
- * durable once a later flush succeeds).
- * delete: a SNAPDEL record, the map dropped; ENOENT. */
+ * Errors: EROFS read-only; EINVAL a name outside [A-Za-z0-9._-]{1,64} or the nil uuid; EEXIST a
+ * snapshot with that name, or with that uuid, exists (a volume never holds two snapshots with
+ * one identity; the message says which); ENOMEM; an errno of getrandom; or the errno of the
+ * flush of earlier writes, of the append or of the sync (ENOSPC, EIO): each of these changes
+ * nothing. A sync that fails while the record is still only in the write window takes it back;
+ * one that fails after its bytes reached the file (fdatasync EIO) appends a SNAPDEL record for
+ * it, so it never appears after a later flush or a crash and recovery (the message says so;
+ * only if even that append fails is the snapshot left made, and the message says that).
+ * delete: earlier writes flushed, a SNAPDEL record, a sync, then the map dropped; ENOENT. A
+ * sync failure takes the record back (nothing changed) or, after the bytes reached the file,
+ * completes the delete in memory too (memory never disagrees with the log); the message says
+ * which. */
 int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t *uuid, uint32_t flags,
                     uint32_t *id_out);
 int vol_snap_delete(vol *v, uint32_t id);
