@@ -18,10 +18,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import iorecord
+import pytest
 from crashfs import CrashFS
+
 from engine import volume
 from engine.volume import Volume
 

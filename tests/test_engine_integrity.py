@@ -9,13 +9,12 @@ import os
 import random
 import threading
 
+import iorecord
 import pytest
 
 from engine import faults, volume
 from engine.errors import BlockrepError, CorruptionError, DiskError, NoSpace
 from engine.volume import Volume
-
-import iorecord
 
 MiB = 1 << 20
 BS = 4096
