@@ -223,3 +223,49 @@ def test_the_io_fault_spec_is_checked():
     for bad in ("nope:1", "pwrite", "pwrite:x", "pwrite:1:ENOTANERRNO", "pwrite:-1"):
         with pytest.raises(BlockrepError):
             faults.parse(bad)
+
+
+def test_a_checkpoint_that_cannot_get_a_descriptor_to_sync_a_segment_fails(tmp_path):
+    """A failed dup() (EMFILE) used to skip that segment's fdatasync while the checkpoint still
+    committed. In a child process with exactly one free descriptor, two segments need a sync:
+    the checkpoint must fail, and the old checkpoint stays."""
+    import subprocess
+    import sys
+    import textwrap
+    p = tmp_path / "vol"
+    volume.create(p, 8 * MiB, segment_size=MiB)
+    script = textwrap.dedent(f"""
+        import os, resource, sys
+        sys.path.insert(0, {str(volume.Path(volume.__file__).resolve().parent.parent)!r})
+        from engine.volume import Volume
+        from engine.errors import BlockrepError
+        v = Volume.open({str(p)!r})
+        v.checkpoint()
+        before = open({str(p / 'checkpoint')!r}, 'rb').read()
+        for off in range(0, 3 << 20, 256 << 10):   # 3 MiB, no flush: segments 1..3 need a sync
+            v.write(os.urandom(256 << 10), off)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+        held = []
+        try:
+            while True:
+                held.append(os.open('/dev/null', os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(held.pop())          # one free descriptor
+        try:
+            v.checkpoint()
+            print('committed')
+        except BlockrepError as e:
+            print('refused', e)
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        print('same' if open({str(p / 'checkpoint')!r}, 'rb').read() == before else 'changed')
+        v.close()
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split("\n")
+    assert out[0].startswith("refused") and "Too many open files" in out[0], r.stdout
+    assert out[1] == "same", r.stdout
