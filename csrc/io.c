@@ -13,7 +13,7 @@
 static pthread_mutex_t io_lock = PTHREAD_MUTEX_INITIALIZER;
 static atomic_uint fault_mask;          /* 0: no injection (the production fast path) */
 static atomic_uint_fast64_t fault_nth, fault_calls, fault_failures;
-static int fault_err, fault_persistent;
+static atomic_int fault_err, fault_persistent; /* set before fault_mask publishes them */
 static _Atomic(vol_io_recorder) recorder;
 
 void vol_io_fault(unsigned mask, uint64_t nth, int err, int persistent)
@@ -36,7 +36,7 @@ void vol_io_record(vol_io_recorder fn) { atomic_store(&recorder, fn); }
 /* 1 if this call must fail (errno set). */
 static int injected(unsigned op)
 {
-    if (!(atomic_load_explicit(&fault_mask, memory_order_relaxed) & op))
+    if (!(atomic_load(&fault_mask) & op)) /* a plain load on x86; orders the reads below */
         return 0;
     uint64_t n = atomic_fetch_add(&fault_calls, 1) + 1, nth = atomic_load(&fault_nth);
     if (n == nth || (fault_persistent && n > nth)) {
