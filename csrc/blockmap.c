@@ -151,6 +151,24 @@ nomem:
     return NULL;
 }
 
+int blockmap_prepare(blockmap *m, uint64_t lba, uint64_t n, int existing_only)
+{
+    if (n == 0)
+        return 0;
+    uint64_t li = lba >> BM_LEAF_SHIFT, last = (lba + n - 1) >> BM_LEAF_SHIFT;
+    while (li <= last) {
+        if (existing_only) {
+            li = blockmap_next_leaf(m, li);
+            if (li == UINT64_MAX || li > last)
+                return 0;
+        }
+        if (!writable_leaf(m, li << BM_LEAF_SHIFT))
+            return -1;
+        li++;
+    }
+    return 0;
+}
+
 int blockmap_set(blockmap *m, uint64_t lba, bm_entry e, bm_entry *old)
 {
     bm_leaf *l = writable_leaf(m, lba);

@@ -92,6 +92,11 @@ void blockmap_leaf_discard(bm_leaf *l);
 /* Next leaf index >= li that is present (skipping absent mids/leaves); returns UINT64_MAX if none. */
 uint64_t blockmap_next_leaf(const blockmap *m, uint64_t li);
 
+/* Make the leaves covering [lba, lba+n) private to m (copying shared ones, creating absent ones
+ * unless existing_only), so that blockmap_set on them cannot fail until m is cloned again: how a
+ * request applies all of its map changes or none. 0, or -1 + ENOMEM (m still reads the same). */
+int blockmap_prepare(blockmap *m, uint64_t lba, uint64_t n, int existing_only);
+
 /* Change where a block lives without changing what it reads as (the collector): updates the
  * entry in place even in shared nodes, only if it still equals `expect`. Returns 1 if updated. */
 int blockmap_relocate(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t new_loc);

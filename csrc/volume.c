@@ -112,6 +112,11 @@ struct vol {
     uint64_t dcache_loc;      /* loc (without index) of dcache, 0 = empty */
     uint8_t *scratch;         /* RMW scratch for unaligned requests */
     size_t scratch_cap;
+    /* The map changes of the request being appended: applied once all of its records are in
+     * the log, dropped (with the records, where still possible) if one cannot be appended, so
+     * a request is all or nothing in memory as it is at recovery. */
+    struct pend { uint64_t lba, n; bm_entry e; } *pend; /* n > 0: a tombstone run of kind e */
+    size_t npend, pend_cap;
     /* Recycled segment files: dead segments are renamed to NNN.free and reused for new
      * segments, so appends overwrite page-cache pages and disk blocks already allocated
      * (as PostgreSQL recycles WAL files). Stale records in them have older sequence numbers,
@@ -653,6 +658,60 @@ static int map_tombstone(vol *v, uint64_t lba, uint64_t n, unsigned kind, uint32
     return 0;
 }
 
+static int pend_push(vol *v, uint64_t lba, uint64_t n, bm_entry e)
+{
+    if (v->npend == v->pend_cap) {
+        size_t cap = v->pend_cap ? v->pend_cap * 2 : 1024;
+        struct pend *p = realloc(v->pend, cap * sizeof *p);
+        if (!p)
+            return fail(ENOMEM, "out of memory for a request");
+        v->pend = p;
+        v->pend_cap = cap;
+    }
+    v->pend[v->npend++] = (struct pend){lba, n, e};
+    return 0;
+}
+
+/* Apply the request's map changes. Cannot fail: request_begin made every leaf they touch
+ * private (blockmap_prepare), and nothing clones the head in between (the lock is held). */
+static void pend_apply(vol *v)
+{
+    for (size_t i = 0; i < v->npend; i++) {
+        struct pend *p = &v->pend[i];
+        int r = p->n ? map_tombstone(v, p->lba, p->n, bm_kind(p->e.loc), p->e.gen) : map_set(v, p->lba, p->e);
+        (void)r; /* 0 by construction */
+    }
+    v->npend = 0;
+}
+
+/* Start a request touching [lba, lba+n): the leaves it may change are made private first, so
+ * that applying its changes at the end cannot fail half-way. tombstone: only leaves that exist
+ * (a trim of never-written space changes nothing). */
+static int request_begin(vol *v, uint64_t lba, uint64_t n, int tombstone)
+{
+    v->npend = 0;
+    v->req_first = 1;
+    if (blockmap_prepare(v->head, lba, n, tombstone) < 0)
+        return fail(ENOMEM, "out of memory for the block map");
+    return 0;
+}
+
+/* End a request: apply its map changes (r == 0) or drop them and, while its records are still
+ * only in the window, the records too (a failed request leaves no trace in memory; records
+ * already written out end without their last record, which recovery drops, §3). */
+static int request_end(vol *v, int r, const log_pos *before)
+{
+    if (r == 0) {
+        pend_apply(v);
+        return 0;
+    }
+    int e = errno;
+    v->npend = 0;
+    (void)log_rewind(v, before);
+    errno = e;
+    return -1;
+}
+
 /* ---------- reads ---------- */
 
 static inline int in_wbuf(vol *v, uint64_t seg, uint64_t off)
@@ -868,7 +927,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
                                   (uint32_t)cl, &rec_off, &pay) < 0)
                     return -1;
                 for (uint32_t b = 0; b < k; b++)
-                    if (map_set(v, lba + done + b, (bm_entry){bm_loc(BM_COMP, v->active, rec_off, b), c, gen}) < 0)
+                    if (pend_push(v, lba + done + b, 0, (bm_entry){bm_loc(BM_COMP, v->active, rec_off, b), c, gen}) < 0)
                         return -1;
             } else {
                 for (uint32_t b = 0; b < k; b++)
@@ -876,7 +935,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
                 if (append_record(v, type, more, k, lba + done, gen, crcs, k, src, k * BS, &rec_off, &pay) < 0)
                     return -1;
                 for (uint32_t b = 0; b < k; b++)
-                    if (map_set(v, lba + done + b, (bm_entry){bm_loc(BM_DATA, v->active, pay + (uint64_t)b * BS, 0), crcs[b], gen}) < 0)
+                    if (pend_push(v, lba + done + b, 0, (bm_entry){bm_loc(BM_DATA, v->active, pay + (uint64_t)b * BS, 0), crcs[b], gen}) < 0)
                         return -1;
             }
             done += k;
@@ -891,7 +950,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
                           k * BS, NULL, &pay) < 0)
             return -1;
         for (uint32_t b = 0; b < k; b++)
-            if (map_set(v, lba + done + b,
+            if (pend_push(v, lba + done + b, 0,
                         (bm_entry){bm_loc(BM_DATA, v->active, pay + (uint64_t)b * BS, 0), crcs[b], gen}) < 0)
                 return -1;
         done += k;
@@ -926,8 +985,12 @@ int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
     v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0) {
-        v->req_first = 1;
-        r = write_locked(v, buf, count, offset, 0);
+        log_pos before = log_tell(v);
+        uint64_t first = offset / BS, last = (offset + count - 1) / BS;
+        r = request_begin(v, first, last - first + 1, 0);
+        if (r == 0)
+            r = write_locked(v, buf, count, offset, 0);
+        r = request_end(v, r, &before);
     }
     if (r == 0 && fua)
         r = flush_locked(v);
@@ -958,7 +1021,7 @@ static int zero_locked(vol *v, uint64_t count, uint64_t offset, int trim)
         if (append_record(v, trim ? R_TRIM : R_ZERO, n > k ? F_MORE : 0, k, lba, v->gen, NULL, 0,
                           NULL, 0, NULL, NULL) < 0)
             return -1;
-        if (map_tombstone(v, lba, k, trim ? BM_TRIM : BM_ZERO, v->gen) < 0)
+        if (pend_push(v, lba, k, (bm_entry){bm_loc(trim ? BM_TRIM : BM_ZERO, 0, 0, 0), 0, v->gen}) < 0)
             return -1;
         lba += k;
         n -= k;
@@ -976,8 +1039,17 @@ int vol_zero(vol *v, uint64_t count, uint64_t offset, int fua, int trim)
     v->requests++;
     int r = check_range(v, count, offset);
     if (r == 0) {
-        v->req_first = 1;
-        r = zero_locked(v, count, offset, trim);
+        log_pos before = log_tell(v);
+        uint64_t first = offset / BS, last = (offset + count - 1) / BS;
+        /* tombstones change only leaves that exist; a zero's partial edge blocks are writes */
+        r = request_begin(v, first, last - first + 1, 1);
+        if (r == 0 && !trim && offset % BS && blockmap_prepare(v->head, first, 1, 0) < 0)
+            r = fail(ENOMEM, "out of memory for the block map");
+        if (r == 0 && !trim && (offset + count) % BS && blockmap_prepare(v->head, last, 1, 0) < 0)
+            r = fail(ENOMEM, "out of memory for the block map");
+        if (r == 0)
+            r = zero_locked(v, count, offset, trim);
+        r = request_end(v, r, &before);
     }
     if (r == 0 && fua)
         r = flush_locked(v);
@@ -2442,6 +2514,7 @@ static void vol_free(vol *v)
     free(v->dcache);
     free(v->wbuf);
     free(v->scratch);
+    free(v->pend);
     pthread_mutex_destroy(&v->lock);
     pthread_mutex_destroy(&v->ckpt_lock);
     free(v);

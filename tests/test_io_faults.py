@@ -145,11 +145,11 @@ def _check_crash_copy(run: Run, src, dst) -> None:
             assert got[b * BS:(b + 1) * BS] == run.durable[b * BS:(b + 1) * BS], f"flushed block {b} lost"
 
 
-def _one(tmp_path, ops, mask, nth, err, persistent) -> tuple[bool, int]:
+def _one(tmp_path, ops, mask, nth, err, persistent, compress="none") -> tuple[bool, int]:
     """Run the workload with the fault armed; returns (the fault was met, errors raised)."""
     p = tmp_path / "vol"
     shutil.rmtree(p, ignore_errors=True)
-    volume.create(p, SIZE, segment_size=MiB)
+    volume.create(p, SIZE, segment_size=MiB, compress=compress)
     run = Run(p)
     faults.inject(mask, nth, err, persistent)
     for op in ops:
@@ -185,6 +185,21 @@ def test_the_nth_storage_operation_fails_and_nothing_is_lost(tmp_path, op, err):
         pytest.fail("the workload never ran past the fault")
     assert points >= 1 or op in ("unlinkat", "renameat"), f"the workload makes no {op} call"
     print(f"R7 {op} {errno.errorcode[err]}: {points} injection points, 0 false acks")
+
+
+@pytest.mark.parametrize("op", ["pwrite", "fdatasync"])
+def test_the_nth_storage_operation_fails_on_a_compressed_volume(tmp_path, op):
+    """zstd stores 16 blocks per record, so most requests are several records: a fault between
+    two of them must not leave the request half applied."""
+    ops = _ops(9)
+    points = 0
+    for nth in range(1, 500):
+        met, _ = _one(tmp_path, ops, faults.OPS[op], nth, errno.ENOSPC, False, compress="zstd")
+        if not met:
+            break
+        points += 1
+    print(f"R7 zstd {op} ENOSPC: {points} injection points, 0 false acks")
+    assert points >= 1
 
 
 @pytest.mark.slow
