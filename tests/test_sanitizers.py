@@ -44,7 +44,7 @@ def _run(binary: Path, workdir: Path, rounds: int, ops: int, *extra: str, env=No
 @pytest.mark.parametrize("compress", ["", "compress"])
 def test_concurrency_stress_is_clean_under_asan_and_ubsan(tmp_path, compress):
     b = _build(tmp_path, "address,undefined")
-    out = _run(b, tmp_path / "vol", 12, 3000, *([compress] if compress else []),
+    out = _run(b, tmp_path / "vol", 8, 3000, *([compress] if compress else []),
                env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
     assert "ok" in out
     print(out.strip())
@@ -52,7 +52,7 @@ def test_concurrency_stress_is_clean_under_asan_and_ubsan(tmp_path, compress):
 
 def test_concurrency_stress_is_clean_under_tsan(tmp_path):
     b = _build(tmp_path, "thread")
-    out = _run(b, tmp_path / "vol", 4, 2000, env={"TSAN_OPTIONS": "halt_on_error=1 second_deadlock_stack=1"})
+    out = _run(b, tmp_path / "vol", 3, 2000, env={"TSAN_OPTIONS": "halt_on_error=1 second_deadlock_stack=1"})
     assert "ok" in out
     print(out.strip())
 
@@ -64,9 +64,9 @@ def _asan_runtime() -> str | None:
 
 
 def test_the_engine_tests_on_damaged_files_are_clean_under_asan(tmp_path):
-    """test_recovery.py (torn tails, bit flips, foreign segments, corrupt checkpoints, 1,000
-    random corruptions) and test_engine_integrity.py against an ASan+UBSan build of engine._native,
-    loaded with the ASan runtime preloaded into the interpreter."""
+    """test_recovery.py (torn tails, bit flips, foreign segments, corrupt checkpoints), the
+    integrity and I/O-fault tests and the decoder fuzzers' CI tier against an ASan+UBSan build of
+    engine._native, loaded with the ASan runtime preloaded into the interpreter."""
     lib = _asan_runtime()
     assert lib, "gcc's libasan.so is missing (apt libasan8 comes with gcc)"
     tree = tmp_path / "tree"
@@ -78,10 +78,12 @@ def test_the_engine_tests_on_damaged_files_are_clean_under_asan(tmp_path):
                        env={**os.environ, "BLOCKREP_SANITIZE": "address,undefined"})
     assert r.returncode == 0, r.stderr[-4000:]
     env = {**os.environ, "LD_PRELOAD": lib, "PYTHONPATH": str(tree),
-           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:allocator_may_return_null=1:hard_rss_limit_mb=3072",
+           "UBSAN_OPTIONS": "print_stacktrace=1", "BLOCKREP_FUZZ_MEM_MB": "0"}
     # -s: a sanitizer report is printed as the process dies, and pytest's capture would eat it
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-x",
-                        "tests/test_recovery.py", "tests/test_engine_integrity.py", "tests/test_engine.py"],
+                        "tests/test_recovery.py", "tests/test_engine_integrity.py", "tests/test_engine.py",
+                        "tests/test_io_faults.py", "tests/test_fuzz_decoders.py", "-m", "not slow"],
                        cwd=tree, env=env, capture_output=True, text=True, timeout=1200)
     out = r.stdout + r.stderr
     found = [m for m in REPORTS if m in out]
