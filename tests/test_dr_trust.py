@@ -104,9 +104,10 @@ def test_2tib_sparse_volume_with_data_beyond_4gib_replicates_verifies_and_diffs(
     # a plain server: nbdkit memory (sparse), seed then incremental, verified by reading it here
     cmd, u, _ = nbdkit_target(tmp_path, "mem", ["memory", "size=2T"])
     targets(cmd, u, sock=tmp_path / "mem.sock")
-    assert replicate(p.vol, u)["mode"] == "seed"
+    # (the seed zeroes 2 TiB of the plain target: ~25 s on a quiet machine, more on a loaded CI)
+    assert replicate(p.vol, u, timeout=240)["mode"] == "seed"
     write_blocks(p.uri, {7 * GiB: b"\x0a" * 4096})
-    r3 = replicate(p.vol, u)
+    r3 = replicate(p.vol, u, timeout=120)
     assert r3["mode"] == "incremental" and r3["bytes_sent"] == 4096
     assert verify(p.vol, r3["snapshot"], u).returncode == 0
     print(f"2 TiB: seed + incremental + verify to a blockrep DR in {seconds:.1f} s")
