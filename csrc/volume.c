@@ -103,8 +103,8 @@ struct vol {
     uint64_t ckpt_size;
     uint64_t corrupt_reads;
     uint64_t gc_segments, gc_bytes_moved;
-    uint64_t gc_busy;
-    uint64_t max_seen_id;     /* highest segment id in the checkpoint: never reused */         /* segment being collected (0: none): never retired meanwhile */
+    uint64_t gc_busy;         /* segment being collected (0: none): never retired meanwhile */
+    uint64_t max_seen_id;     /* highest segment id in the checkpoint: never reused */
     ZSTD_CCtx *cctx;
     ZSTD_DCtx *dctx;
     uint8_t *zbuf;            /* compression scratch */
