@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all bootstrap demo test soak-replication fuzz bench build lint clean
+.PHONY: all bootstrap demo test soak soak-replication fuzz bench build lint clean
 
 all: test
 
@@ -15,6 +15,12 @@ demo: bootstrap
 
 test: bootstrap
 	$(PY) -m pytest -q tests
+
+# RELIABILITY R19: the soak (mixed workload, snapshots, collector, replication, kills, link faults) for
+# DURATION seconds (default 300, as in `make test`); SEED=N replays a schedule (BLOCKREP_SOAK_SEED)
+soak: bootstrap
+	$(if $(filter command line environment,$(origin DURATION)),BLOCKREP_SOAK_SECONDS=$(DURATION)) \
+	$(if $(SEED),BLOCKREP_SOAK_SEED=$(SEED)) $(PY) -m pytest -q -s -rxX tests/test_soak.py
 
 # RELIABILITY R15: 50 SIGKILLs of the replication worker (and 3 of the DR) at random points
 soak-replication: bootstrap
