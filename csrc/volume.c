@@ -104,6 +104,7 @@ struct vol {
     uint64_t corrupt_reads;
     uint64_t gc_segments, gc_bytes_moved;
     uint64_t gc_busy;         /* segment being collected (0: none): never retired meanwhile */
+    int sync_err;             /* errno of a failed fdatasync: sticky until reopen (see sync_all) */
     uint64_t max_seen_id;     /* highest segment id in the checkpoint: never reused */
     ZSTD_CCtx *cctx;
     ZSTD_DCtx *dctx;
@@ -496,22 +497,39 @@ static int append_record(vol *v, int type, int flags, uint32_t nblocks, uint64_t
     return 0;
 }
 
+/* After an fdatasync fails, what reached the disk is unknown: Linux reports a write-back error
+ * once and may have dropped the dirty pages, so a retry can succeed without the data ever being
+ * written ("fsyncgate"). So the first failure is sticky, as in PostgreSQL: every later flush,
+ * FUA write, snapshot and checkpoint fails until the volume is reopened, and recovery then reads
+ * what really is on the disk. */
+static int sync_failed(vol *v)
+{
+    return fail(v->sync_err, "an earlier fdatasync failed (%s): what reached the disk is unknown, so nothing "
+                "can be made durable until the volume is reopened (restart the server)", strerror(v->sync_err));
+}
+
 static int sync_all(vol *v)
 {
+    if (v->sync_err)
+        return sync_failed(v);
     if (flush_wbuf(v) < 0)
         return -1;
     for (size_t i = 0; i < v->nsegs; i++) {
         seg_info *s = &v->segs[i];
         if (s->fd >= 0 && s->needs_sync) {
-            if (io_fdatasync(s->fd) < 0)
+            if (io_fdatasync(s->fd) < 0) {
+                v->sync_err = errno;
                 return fail(errno, "fdatasync of segment %llu: %s", (unsigned long long)s->id,
                             strerror(errno));
+            }
             s->needs_sync = 0;
         }
     }
     if (v->dir_dirty) {
-        if (io_fsyncdir(v->segdirfd) < 0)
+        if (io_fsyncdir(v->segdirfd) < 0) {
+            v->sync_err = errno;
             return fail(errno, "fsync of the segment directory: %s", strerror(errno));
+        }
         v->dir_dirty = 0;
     }
     return 0;
@@ -1446,8 +1464,9 @@ int vol_snap_create(vol *v, const char *name, uint64_t created_ns, const uint8_t
             put32(d, id);
             if (append_snap_record(v, R_SNAPDEL, d, SNAPDEL_PAYLOAD, v->gen) == 0) {
                 snap_remove(v, id);
-                fail(e, "%s (snapshot %s not made: its record may have reached the disk, a deletion "
-                        "record follows it)", why, name);
+                fail(e, "%s (snapshot %s not made; its record may have reached the disk, and until the "
+                        "volume is reopened its deletion cannot be made durable: after a crash the "
+                        "snapshot may be there)", why, name);
             } else {
                 fail(e, "%s (snapshot %s was made but is not durable yet: a later flush makes it so)",
                      why, name);
@@ -1721,7 +1740,9 @@ static int checkpoint_serialised(vol *v)
      * write run without the lock, so requests go on meanwhile. needs_sync flags are left for
      * NBD flushes to clear. */
     pthread_mutex_lock(&v->lock);
-    if (flush_wbuf(v) < 0) {
+    if (v->sync_err || flush_wbuf(v) < 0) {
+        if (v->sync_err)
+            sync_failed(v);
         pthread_mutex_unlock(&v->lock);
         return -1;
     }
@@ -1793,6 +1814,12 @@ static int checkpoint_serialised(vol *v)
     if (!err && io_fsyncdir(v->segdirfd) < 0)
         err = errno;
     if (err) {
+        if (err != dup_err) { /* a sync failed (it shares the descriptors' error state): sticky */
+            pthread_mutex_lock(&v->lock);
+            if (!v->sync_err)
+                v->sync_err = err;
+            pthread_mutex_unlock(&v->lock);
+        }
         free_clones(v, maps, nmaps);
         free(meta);
         free(segtab);
@@ -2333,9 +2360,13 @@ static int replay(vol *v, uint64_t *ids, size_t nids, uint64_t rseg, uint64_t ro
          * one never did: nothing in it was ever synced, unless a durable log follows (damage) */
         if (s->len < SEG_HDR || get32(h) != SEG_MAGIC || crc32c(h + 8, SEG_HDR - 8) != get32(h + 4) ||
             get32(h + 12) != (uint32_t)s->id) {
-            /* a segment created but whose header never reached the disk, or a foreign file */
+            /* A segment created but whose header never reached the disk, or a foreign file. Any
+             * fdatasync of this segment would have made its header durable, and a FLUSH marker
+             * follows only synced data: with no marker after this point nothing from here on was
+             * ever synced (records of it may have reached the disk in any order), so the log ends
+             * here. A marker after it means the header was synced and is now damaged: refuse. */
             size_t fsi, fpos;
-            if (!find_marker_after(v, sm, nsm, si, SEG_HDR, v->next_seq - 1, &fsi, &fpos) && fsi == nsm) {
+            if (!find_marker_after(v, sm, nsm, si, SEG_HDR, v->next_seq - 1, &fsi, &fpos)) {
                 for (size_t k = si; k < nsm; k++)
                     if (truncate_seg(v, &sm[k], SEG_HDR, rep) < 0) { r = -1; goto out_pend; }
                 break;

@@ -21,6 +21,10 @@
  *    marker on disk proves everything before it had been synced.
  *  - If the buffer cannot be written (ENOSPC, EIO) it is kept: acknowledged data stays readable
  *    from memory, new writes fail with the same errno until a later attempt succeeds.
+ *  - A failed fdatasync (or directory fsync) is sticky: what reached the disk is unknown (Linux
+ *    reports a write-back error once and may drop the dirty pages), so every later flush, FUA
+ *    write, snapshot and checkpoint fails until the volume is reopened ("fsyncgate"; PostgreSQL
+ *    does the same); reads and buffered writes go on.
  *  - Every function returns 0 (or a count) on success, -1 with errno set on failure; a message
  *    for the last failure of the calling thread is in vol_errmsg(). EBADMSG means damage (a
  *    checksum or a structure on disk); EIO, ENOSPC... are the disk's own errors. A failure
@@ -104,9 +108,10 @@ int vol_checkpoint(vol *v);
  * one identity; the message says which); ENOMEM; an errno of getrandom; or the errno of the
  * flush of earlier writes, of the append or of the sync (ENOSPC, EIO): each of these changes
  * nothing. A sync that fails while the record is still only in the write window takes it back;
- * one that fails after its bytes reached the file (fdatasync EIO) appends a SNAPDEL record for
- * it, so it never appears after a later flush or a crash and recovery (the message says so;
- * only if even that append fails is the snapshot left made, and the message says that).
+ * one that fails after its bytes reached the file (fdatasync EIO) drops it from memory and
+ * appends a SNAPDEL record, but a failed fdatasync is sticky (below), so after a crash the
+ * snapshot may be there: the message says so (only if even that append fails is the snapshot
+ * left made, and the message says that).
  * delete: earlier writes flushed, a SNAPDEL record, a sync, then the map dropped; ENOENT. A
  * sync failure takes the record back (nothing changed) or, after the bytes reached the file,
  * completes the delete in memory too (memory never disagrees with the log); the message says

@@ -348,13 +348,13 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0, force: bool =
     # nbdkit answers SIGTERM by refusing new requests but waits for connected clients to leave.
     # So: make everything durable and checkpoint first (control socket), ask nicely, and if a
     # client keeps the server alive past the grace period, SIGKILL it: nothing is lost.
-    _durable_or_refuse(vol, timeout, force)
+    _durable_or_refuse(vol, pid, timeout, force)
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.02)
     if _alive(pid):
-        _durable_or_refuse(vol, timeout, force, clients_left=True)
+        _durable_or_refuse(vol, pid, timeout, force, clients_left=True)
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and _alive(pid):
@@ -377,29 +377,35 @@ def stop(vol_path: str, timeout: float = 60.0, grace: float = 5.0, force: bool =
     return True
 
 
-def _durable_or_refuse(vol: Path, timeout: float, force: bool, clients_left: bool = False) -> None:
+def _durable_or_refuse(vol: Path, pid: int, timeout: float, force: bool, clients_left: bool = False) -> None:
     """Make the served volume durable through its control socket before it is signalled, or
     refuse (ServerError) unless force: a server that cannot flush (full or failing disk) or
-    cannot be reached keeps its acknowledged writes in memory only while it runs."""
+    cannot be reached keeps its acknowledged writes in memory only while it runs. A server that
+    is already shutting down by itself (its control socket says so, or is gone, and it exits)
+    makes its volume durable on the way out: then this waits for it to exit."""
     why = None
-    if control.socket_path(vol).exists():
-        deadline = time.monotonic() + min(timeout, 2 * control.REQUEST_DEADLINE + 5)
-        while True:  # busy (other clients being read): try again until a slot frees
+    deadline = time.monotonic() + min(timeout, 2 * control.REQUEST_DEADLINE + 5)
+    while True:
+        if not _alive(pid):
+            return  # it exited on its own: its close checkpointed (or logged why not)
+        if not control.socket_path(vol).exists():
+            if not clients_left:
+                return  # no control socket (an older server, or it is dying): SIGTERM flushes on exit
+            why = "its control socket is gone"
+        else:
             try:
                 control.call(vol, "flush", timeout=timeout)
                 return
-            except ServerError as e:
+            except ServerError as e:  # busy (other clients being read), or going away: try again
                 why = f"its control socket does not answer ({e})"
-                if time.monotonic() >= deadline:
+            except BlockrepError as e:
+                if e.errno != errno.ESHUTDOWN:  # it answered: it cannot make the volume durable
+                    why = f"the server cannot make its data durable ({e})"
                     break
-                time.sleep(0.5)
-            except BlockrepError as e:  # it answered: it cannot make the volume durable
-                why = f"the server cannot make its data durable ({e})"
-                break
-    elif not clients_left:
-        return  # no control socket (an older server, or it is dying): SIGTERM flushes on exit
-    else:
-        why = "its control socket is gone"
+                why = "it is shutting down"  # its own cleanup flushes: wait for it to exit
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
     if not force:
         what = "it is shutting down but clients are still connected" if clients_left else \
             "it keeps running so that nothing is lost"

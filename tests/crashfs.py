@@ -64,21 +64,26 @@ class CrashFS:
         self.log.append((op, ino, dirino, name, name2, data, length, off))
 
     def state(self, k: int):
-        """(inodes, dirs) after the first k calls; dirs: ino -> (durable names, current names)."""
+        """(inodes, dirs) after the first k calls; inode numbers freed and reused by a new file get
+        a new identity (a name still durable for the old file keeps the old contents)."""
         inodes = {i: Inode(dur=b, cur=bytearray(b)) for i, b in self.initial_inodes.items()}
         dirs = {i: (dict(n), dict(n)) for i, n in self.initial_dirs.items()}
+        ident = {i: i for i in inodes}
+        gen = [0]
+        def cur_id(ino):
+            return ident.setdefault(ino, ino)
         for op, ino, dirino, name, name2, data, length, off in self.log[:k]:
             if op == io.PWRITE:
-                node = inodes.setdefault(ino, Inode())
+                node = inodes.setdefault(cur_id(ino), Inode())
                 w = ("w", off, data)
                 _apply(node.cur, w)
                 node.pending.append(w)
             elif op == io.FTRUNCATE:
-                node = inodes.setdefault(ino, Inode())
+                node = inodes.setdefault(cur_id(ino), Inode())
                 _apply(node.cur, ("t", length))
                 node.pending.append(("t", length))
             elif op == io.FDATASYNC:
-                node = inodes.setdefault(ino, Inode())
+                node = inodes.setdefault(cur_id(ino), Inode())
                 node.dur = bytes(node.cur)
                 node.pending = []
             elif op == io.FSYNCDIR:
@@ -86,11 +91,16 @@ class CrashFS:
                 dur.clear()
                 dur.update(cur)
             elif op == io.OPENAT:
-                node = inodes.setdefault(ino, Inode())
+                c = dirs[dirino][1]
+                if c.get(name) is None or c.get(name) != ident.get(ino):
+                    gen[0] += 1  # a new file (perhaps a reused inode number)
+                    ident[ino] = ("new", ino, gen[0])
+                    inodes[ident[ino]] = Inode()
+                node = inodes.setdefault(cur_id(ino), Inode())
                 if length:  # O_TRUNC
                     _apply(node.cur, ("t", 0))
                     node.pending.append(("t", 0))
-                dirs[dirino][1][name] = ino
+                c[name] = cur_id(ino)
             elif op == io.RENAMEAT:
                 cur = dirs[dirino][1]
                 if name in cur:

@@ -4,7 +4,10 @@ end without meeting the fault; and once with every pwrite and sync failing from 
 disk that dies). For every injection point:
 - a request that met the fault raises (never a silent success), and what it changed is all or
   nothing: a read right after shows the range wholly old or wholly new;
-- the volume keeps serving: once the fault is gone, a flush succeeds;
+- the volume keeps serving: once the fault is gone, a flush succeeds, except after a failed
+  fdatasync or directory fsync: then what reached the disk is unknown (Linux reports a write-back
+  error once and may drop the pages: "fsyncgate"), so every flush fails until the volume is
+  reopened, and the reopened volume must hold everything made durable before the failure;
 - a copy of the files at that moment (a process crash) opens and reads without EIO, and every
   block not written since the last successful flush holds its flushed data (no checkpoint ever
   references data that was not synced);
@@ -69,6 +72,9 @@ class Run:
         self.durable = bytearray(SIZE)
         self.dirty: set[int] = set()  # blocks written since the last successful flush
         self.snaps: dict[str, bytes] = {}
+        self.durable_snaps: dict[str, bytes] = {}
+        self.ever: dict[str, bytes] = {}  # every snapshot ever made, with its content
+        self.uncertain: set[str] = set()  # snapshots whose create or delete raised
         self.errors = 0
 
     def _range(self, off, n):
@@ -101,14 +107,17 @@ class Run:
                 v.flush()
                 self._durable()
             elif kind == "snap":
+                self.ever[op[1]] = bytes(self.model)
                 v.snapshot_create(op[1])
                 self.snaps[op[1]] = bytes(self.model)
                 self._durable()
             elif kind == "unsnap":
                 if self.snaps:
                     name = sorted(self.snaps)[0]
+                    self._deleting = name
                     v.snapshot_delete(name)
                     del self.snaps[name]
+                    self._durable()
             elif kind == "checkpoint":
                 v.checkpoint()
             elif kind == "collect":
@@ -122,6 +131,7 @@ class Run:
             elif kind == "trim":
                 self._settle(op[1], op[2], bytes(op[2]))
             elif kind in ("snap", "unsnap"):  # made or not, deleted or not: memory says which
+                self.uncertain.add(op[1] if kind == "snap" else self._deleting)
                 have = {s["name"] for s in v.snapshots()}
                 if kind == "snap" and op[1] in have:
                     self.snaps[op[1]] = bytes(self.model)
@@ -132,6 +142,7 @@ class Run:
     def _durable(self):
         self.durable[:] = self.model
         self.dirty.clear()
+        self.durable_snaps = dict(self.snaps)
 
 
 def _check_crash_copy(run: Run, src, dst) -> None:
@@ -143,6 +154,21 @@ def _check_crash_copy(run: Run, src, dst) -> None:
     for b in range(SIZE // BS):
         if b not in run.dirty:
             assert got[b * BS:(b + 1) * BS] == run.durable[b * BS:(b + 1) * BS], f"flushed block {b} lost"
+
+
+def _check_reopened_after_a_failed_sync(run: Run, p) -> None:
+    """Everything made durable before the failed sync is there; nothing else is invented."""
+    with Volume.open(p) as v:
+        got = v.read(SIZE, 0)
+        for b in range(SIZE // BS):
+            if b not in run.dirty:
+                assert got[b * BS:(b + 1) * BS] == run.durable[b * BS:(b + 1) * BS], f"durable block {b} lost"
+        have = {s["name"]: s["id"] for s in v.snapshots()}
+        for name in run.durable_snaps:
+            assert name in have or name in run.uncertain, f"durable snapshot {name} lost"
+        for name, sid in have.items():
+            assert name in run.ever, f"snapshot {name} was never made"
+            assert v.snapshot_read(sid, SIZE, 0) == run.ever[name], f"snapshot {name} changed"
 
 
 def _one(tmp_path, ops, mask, nth, err, persistent, compress="none") -> tuple[bool, int]:
@@ -159,7 +185,14 @@ def _one(tmp_path, ops, mask, nth, err, persistent, compress="none") -> tuple[bo
     if met:
         assert run.errors > 0, "a storage operation failed but no request reported an error"
         _check_crash_copy(run, p, tmp_path / "crash")
-    run.v.flush()  # service resumes once the disk does
+    try:
+        run.v.flush()  # service resumes once the disk does
+    except BlockrepError as e:  # after a failed sync: nothing is durable until the volume is reopened
+        assert met and mask & (faults.OPS["fdatasync"] | faults.OPS["fsyncdir"]), e
+        assert "until the volume is reopened" in str(e), e
+        run.v.abandon()
+        _check_reopened_after_a_failed_sync(run, p)
+        return met, run.errors
     run._durable()
     snaps = dict(run.snaps)
     run.v.close()
