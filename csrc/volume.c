@@ -43,6 +43,7 @@
 #define CKPT_MAP_HDR 112u
 #define CKPT_V2_MAP_HDR 96u
 #define MAX_REC_BLOCKS 1024u
+#define READ_CHUNK_BLOCKS 16u /* reads copy and verify 64 KiB at a time (read_blocks) */
 #define MAX_COMP_BLOCKS 16u
 #define MAX_TOMB_BLOCKS (1u << 30)
 #define SEG_ID_MAX 0xfffffffull /* 28 bits in a map entry (bm_loc) */
@@ -813,14 +814,19 @@ static int read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, ui
                     break;
                 j++;
             }
-            if (read_bytes(v, seg, off, dst + i * BS, (size_t)(j - i) * BS) < 0)
-                return -1;
-            for (uint64_t b = i; b < j; b++) {
-                bm_entry f = b == i ? e : blockmap_get(map, lba + b);
-                if (crc32c(dst + b * BS, BS) != f.crc) {
-                    v->corrupt_reads++;
-                    return fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
-                                (unsigned long long)(lba + b), (unsigned long long)seg);
+            /* copy and check 64 KiB at a time: each block's CRC then reads it from the cache
+             * the copy just filled, not from memory a second time */
+            for (uint64_t c = i; c < j; c += READ_CHUNK_BLOCKS) {
+                uint64_t ce = c + READ_CHUNK_BLOCKS < j ? c + READ_CHUNK_BLOCKS : j;
+                if (read_bytes(v, seg, off + (c - i) * BS, dst + c * BS, (size_t)(ce - c) * BS) < 0)
+                    return -1;
+                for (uint64_t b = c; b < ce; b++) {
+                    bm_entry f = b == i ? e : blockmap_get(map, lba + b);
+                    if (crc32c(dst + b * BS, BS) != f.crc) {
+                        v->corrupt_reads++;
+                        return fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
+                                    (unsigned long long)(lba + b), (unsigned long long)seg);
+                    }
                 }
             }
             i = j;
