@@ -65,16 +65,22 @@ def read_pid(vol: Path) -> int | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether pid is an nbdkit that still holds its files (socket, lock). Identified by the
+    command name in /proc/PID/stat, which stays while the process exits (its cmdline reads empty
+    once its memory is gone, which made a dying nbdkit look dead and then alive again)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        if state == "Z":
+            stat = f.read()
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state = stat.rsplit(")", 1)[1].split()[0]
+        if not comm.startswith("nbdkit"):
+            return False
+        if state in ("Z", "X", "x"):
             # A killed multi-threaded process shows its leader as a zombie while its other
             # threads are still exiting and still hold its files (the socket, the lock).
             return len(os.listdir(f"/proc/{pid}/task")) > 1
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        return b"nbdkit" in cmd
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return True
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
         return False
 
 
