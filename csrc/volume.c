@@ -153,11 +153,10 @@ static inline uint64_t get64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); r
 /* The segment table is a dense array sorted by id, searched by bisection (the newest, the
  * active segment, first): its memory follows the segments that exist, not the highest id the
  * log ever used (a long-lived volume, or a hostile file name such as 000000000fffffff.seg). */
-static seg_info *seg_find(vol *v, uint64_t id)
+/* Index of the first entry whose id is >= id (v->nsegs if none). */
+static size_t seg_lower_bound(const vol *v, uint64_t id)
 {
     size_t lo = 0, hi = v->nsegs;
-    if (hi && v->segs[hi - 1].id == id)
-        return &v->segs[hi - 1];
     while (lo < hi) {
         size_t mid = lo + (hi - lo) / 2;
         if (v->segs[mid].id < id)
@@ -165,6 +164,14 @@ static seg_info *seg_find(vol *v, uint64_t id)
         else
             hi = mid;
     }
+    return lo;
+}
+
+static seg_info *seg_find(vol *v, uint64_t id)
+{
+    if (v->nsegs && v->segs[v->nsegs - 1].id == id)
+        return &v->segs[v->nsegs - 1];
+    size_t lo = seg_lower_bound(v, id);
     return lo < v->nsegs && v->segs[lo].id == id ? &v->segs[lo] : NULL;
 }
 
@@ -193,14 +200,7 @@ static seg_info *seg_add(vol *v, uint64_t id)
         v->segs = n;
         v->nsegs_cap = cap;
     }
-    size_t lo = 0, hi = v->nsegs;
-    while (lo < hi) {
-        size_t mid = lo + (hi - lo) / 2;
-        if (v->segs[mid].id < id)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
+    size_t lo = seg_lower_bound(v, id);
     memmove(&v->segs[lo + 1], &v->segs[lo], (v->nsegs - lo) * sizeof *v->segs);
     v->segs[lo] = (seg_info){.id = id, .fd = -1};
     v->nsegs++;
