@@ -13,6 +13,7 @@ from typing import Any
 from .errors import AlreadyExists, InvalidArgument, Protected
 from .replication import retention
 from .replication import state as rstate
+from .replication.gfs import check_counts
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
@@ -51,18 +52,24 @@ def snapshot_delete(vol: Volume, name: str, force: bool = False) -> None:
     vol.snapshot_delete(name)
 
 
-def snapshot_prune(vol: Volume, keep: int, force: bool = False, only_tagged: bool = False) -> dict:
-    """Delete the oldest snapshots beyond the newest `keep` (only those `replicate` made, with
-    only_tagged), keeping those replication needs unless force. Returns {"deleted": [...],
-    "kept": {name: why}}."""
-    if keep < 0:
+def snapshot_prune(vol: Volume, keep: int | None = None, force: bool = False, only_tagged: bool = False,
+                   gfs: dict | None = None) -> dict:
+    """Delete the oldest snapshots beyond the policy (only those `replicate` made, with
+    only_tagged), keeping those replication needs unless force. The policy: the newest `keep`;
+    with gfs ({"hourly": H, "daily": D, "weekly": W, "monthly": M}, any subset) the GFS rules in
+    this host's local time plus the newest `keep` (0 if None). Returns {"deleted": [...],
+    "kept": {name: why (protected)}, "retained": {name: which rule keeps it}}."""
+    if keep is None and gfs is None:
+        raise InvalidArgument("say what to keep: keep=N and/or GFS counts (hourly, daily, weekly, monthly)")
+    if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 0):
         raise InvalidArgument("keep must be 0 or more")
+    gfs = check_counts(gfs)
     snaps = vol.snapshots()
-    doomed, kept = retention.prune_plan(snaps, keep, {} if force else _keep_safe(vol, snaps),
-                                        only_tagged=only_tagged)
-    for n in doomed:
+    plan = retention.plan(snaps, keep or 0, {} if force else _keep_safe(vol, snaps), only_tagged=only_tagged,
+                          gfs=gfs)
+    for n in plan.delete:
         vol.snapshot_delete(n)
-    return {"deleted": doomed, "kept": kept}
+    return {"deleted": plan.delete, "kept": plan.kept, "retained": plan.retained}
 
 
 def diff(vol: Volume, from_name: str | None, to_name: str) -> list[dict]:

@@ -52,6 +52,7 @@ _dr = None
 _keep = None
 _allow_remote_prune = False
 _keep_min_age = 86400  # DR snapshots younger than a day are never pruned (serve --keep-min-age)
+_gfs: dict[str, int] = {}  # the DR's GFS counts (serve --keep-hourly … --keep-monthly)
 _psk_users: list[str] = []
 log = logging.getLogger("blockrep.server")
 
@@ -72,6 +73,10 @@ def config(key, value):
         if not value.isdigit():
             raise RuntimeError("keep_min_age must be a number of seconds")
         _keep_min_age = int(value)
+    elif key in ("keep_hourly", "keep_daily", "keep_weekly", "keep_monthly"):  # the DR's GFS retention
+        if not (value.isascii() and value.isdigit()):
+            raise RuntimeError(f"{key} must be a number of periods >= 0")
+        _gfs[key[5:]] = int(value)
     elif key == "allow_remote_prune":
         _allow_remote_prune = value == "1"
     elif key == "tls_psk":  # only to name the PSK user in the DR's log
@@ -97,7 +102,8 @@ def config(key, value):
         logging.getLogger("blockrep").setLevel(logging.INFO)
     else:
         raise RuntimeError(f"unknown parameter {key!r} (expected volume=PATH [logfile=PATH] [thread_model=…] "
-                           "[keep=N] [keep_min_age=SECONDS] [allow_remote_prune=1] [tls_psk=FILE] [io_fault=SPEC])")
+                           "[keep=N] [keep_hourly|daily|weekly|monthly=N] [keep_min_age=SECONDS] "
+                           "[allow_remote_prune=1] [tls_psk=FILE] [io_fault=SPEC])")
 
 
 def config_complete():
@@ -114,7 +120,7 @@ def get_ready():
     try:
         _vol = Volume.open(_path)
         _dr = DRServer(_vol, keep=_keep, allow_remote_prune=_allow_remote_prune, keep_min_age=_keep_min_age,
-                       peer=_peer)
+                       peer=_peer, gfs=_gfs or None)
     except BlockrepError as e:
         raise RuntimeError(str(e)) from None
     _v, _lib, _ffi = _vol._v, _vol._n.lib, _vol._n.ffi

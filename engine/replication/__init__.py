@@ -7,7 +7,8 @@ One job per module:
 - plan.py      pure decisions: common base by identity, mode (seed/incremental/rebase), resume
 - checksums.py digests of snapshots and DR heads, compared without moving data
 - state.py     VOL/replication.json: per-target records, run history, the one-run-per-target lock
-- retention.py which snapshots may be pruned (bases and unshipped snapshots are kept)
+- retention.py which snapshots may be pruned (bases and unshipped snapshots are kept), on both sites
+- gfs.py       GFS rules (hourly/daily/weekly/monthly buckets in local time), pure
 - drclient.py  the primary's side of the DR protocol
 - drserver.py  the DR's side, run inside the DR's nbdkit by the plugin
 - replicate.py, verify.py, status.py  the commands

@@ -71,8 +71,18 @@ class Session:
             except nbd.Error as e:
                 raise TransferError(f"writing the manifest: {e.string}") from None
 
-    def commit(self, entries: int, shift: int, keep: int | None) -> dict:
-        return _json(self.uri, P.build("commit", token=self.token, entries=entries, shift=shift, keep=keep))
+    def commit(self, entries: int, shift: int, keep: int | None, gfs: dict | None = None) -> dict:
+        """Commit; keep/gfs: the retention asked of the DR (it decides). GFS counts go only to a
+        DR that announced "keep_gfs" in its begin reply: an older one refuses arguments it does not
+        know, so it gets the count alone and the reply's keep_request says so."""
+        gfs_ok = isinstance(self.reply, dict) and "keep_gfs" in (self.reply.get("features") or ())
+        asked = P.gfs_text(gfs) is not None
+        res = _json(self.uri, P.build("commit", token=self.token, entries=entries, shift=shift, keep=keep,
+                                      gfs=gfs if gfs_ok else None))
+        if asked and not gfs_ok:
+            res["keep_request"] = (f"{res.get('keep_request')}; GFS counts not sent: this DR does not take them "
+                                   "(upgrade it)")
+        return res
 
     def abort(self) -> None:
         try:

@@ -7,8 +7,9 @@ Notes on the design:
   snapshots through a transfer: `!begin` (identity checks, one live transfer per head), `!data`
   writes, `!manifest`, then `!commit`, where this side verifies every chunk the delta touched
   against the manifest with digests it computes itself before it creates the snapshot.
-- Retention is the DR's own (`serve --keep N`); a primary's request (`keep=` at commit) counts only
-  with `--allow-remote-prune`, never below `--keep`.
+- Retention is the DR's own (`serve --keep N`, `--keep-hourly` … `--keep-monthly`: GFS, gfs.py);
+  a primary's request (`keep=`, `gfs=` at commit) counts only with `--allow-remote-prune`, and
+  only adds to what the DR's own rules keep (retention.dr_plan).
 - Every change and every refusal is logged on `blockrep.dr` (server.log) with the peer.
 - Locking: callbacks of different connections run at once (SERIALIZE_REQUESTS); `DRServer.lock`
   guards the transfer and dr.json. Data writes check one attribute (`transfer.writable`).
@@ -34,7 +35,9 @@ import numpy as np
 from ..errors import AlreadyExists, BlockrepError, CorruptionError, InvalidArgument, NotFound, VolumeBusy
 from ..volume import Volume, validate_snapshot_name
 from . import protocol as P
+from . import retention
 from .checksums import chunk_array
+from .gfs import check_counts
 
 log = logging.getLogger("blockrep.dr")
 STATE = "dr.json"
@@ -234,9 +237,10 @@ class DRServer:
     """The DR commands of one served volume. `peer()` describes the current client for logs."""
 
     def __init__(self, vol: Volume, *, keep: int | None = None, allow_remote_prune: bool = False,
-                 keep_min_age: int = 86400, peer=lambda: "unknown"):
+                 keep_min_age: int = 86400, peer=lambda: "unknown", gfs: dict | None = None):
         self.vol, self.keep, self.allow_remote_prune, self.peer = vol, keep, allow_remote_prune, peer
         self.keep_min_age = keep_min_age
+        self.gfs = check_counts(gfs)  # the DR's own GFS counts (serve --keep-hourly …), None: none
         self.lock = threading.RLock()
         self.rw_heads = 0
         self.path = vol.path / STATE
@@ -320,13 +324,14 @@ class DRServer:
                   "source": (origins.get(s["uuid"]) or {}).get("source")} for s in self.vol.snapshots()]
         t = self.transfer
         return {
-            "protocol": P.PROTOCOL, "volume": self.vol.params.uuid, "size": self.vol.size,
+            "protocol": P.PROTOCOL, "features": list(P.FEATURES), "volume": self.vol.params.uuid,
+            "size": self.vol.size,
             "bound_to": self.state.get("bound_to"), "has_data": self.vol.stats()["live_blocks"] > 0,
             "snapshots": snaps,
             "transfer": None if t is None else {"snapshot": t.rec["snap"], "name": t.rec["name"],
                                                 "live": t.live > 0, "started": t.rec["started"]},
             "retention": {"keep": self.keep, "allow_remote_prune": self.allow_remote_prune,
-                          "keep_min_age": self.keep_min_age},
+                          "keep_min_age": self.keep_min_age, "gfs": self.gfs},
         }
 
     def _active(self, token: str, what: str) -> Transfer:
@@ -392,7 +397,7 @@ class DRServer:
             self.transfer.open_writes()
             self._save()
             self.audit(("resumed " if resumed else "") + what)
-            reply = {"resumed": resumed, "volume": vol.params.uuid}
+            reply = {"resumed": resumed, "volume": vol.params.uuid, "features": list(P.FEATURES)}
             return Session(json.dumps(reply).encode(), self.transfer, self)
 
     def cmd_data(self, token) -> Handle:
@@ -412,7 +417,7 @@ class DRServer:
             self.audit(f"aborted the transfer of {t.rec['name']}")
             return Blob(b"{}")
 
-    def cmd_commit(self, token, entries, shift, keep) -> Handle:
+    def cmd_commit(self, token, entries, shift, keep, gfs=None) -> Handle:
         with self.lock:
             t = self._active(token, "commit")
             what = f"commit of {t.rec['name']} ({t.rec['snap']})"
@@ -437,7 +442,7 @@ class DRServer:
             self._save()
             (self.vol.path / MANIFEST).unlink(missing_ok=True)
             self.audit(f"{what} verified ({entries} manifest entries) and committed")
-            pruned, note = self._retention(keep)
+            pruned, note = self._retention(keep, gfs)
             return Blob(json.dumps({"snapshot": s["name"], "uuid": s["uuid"], "pruned": pruned,
                                     "keep_request": note}).encode())
 
@@ -480,42 +485,44 @@ class DRServer:
                 bad.append(c)
         return bad
 
-    def _retention(self, keep_request: int | None) -> tuple[list[str], str]:
+    def _retention(self, keep_request: int | None, gfs_request: dict | None = None) -> tuple[list[str], str]:
+        """Apply the DR's retention after a commit; (deleted names, what became of the request)."""
+        own = retention.Rules(self.keep or 0, self.gfs)
+        request = None
         note = "none"
-        keep = self.keep
-        if keep_request is not None:
+        if keep_request is not None or gfs_request is not None:
+            asked = retention.Rules(keep_request or 0, gfs_request)
+            said = f"{keep_request} snapshot(s)" if gfs_request is None else str(asked)
             if self.allow_remote_prune:
-                keep = max(keep_request, self.keep or 1)
-                note = "honoured" if keep == keep_request else f"raised to the DR's own --keep {keep}"
+                request = asked
+                note = "honoured" if asked.covers(own) else f"raised to the DR's own {own}"
             else:
                 note = "ignored (the DR runs without --allow-remote-prune)"
-                self.audit(f"ignored a request to keep {keep_request} snapshot(s)")
-        if not keep:
-            return [], note
-        doomed = self.prune_plan(self.vol.snapshots(), keep, _dt.datetime.now(_dt.UTC))
+                self.audit(f"ignored a request to keep {said}")
+        doomed = self.prune_plan(self.vol.snapshots(), own, request, _dt.datetime.now(_dt.UTC))
+        if not own.has_gfs() and (request is None or not request.has_gfs()):  # the log line of count-only retention
+            rules = f"keep {max(request.latest, own.latest or 1) if request else own.latest}"
+        else:
+            rules = str(own) if request is None else f"{own}, asked {request}"
         for s in doomed:
             self.vol.snapshot_delete(s["name"])
             self.state["snapshots"].pop(s["uuid"], None)
-            self.audit(f"retention (keep {keep}, min age {self.keep_min_age} s) deleted snapshot {s['name']}")
+            self.audit(f"retention ({rules}, min age {self.keep_min_age} s) deleted snapshot {s['name']}")
         if doomed:
             self._save()
         return [s["name"] for s in doomed], note
 
-    def prune_plan(self, snaps: list[dict], keep: int, now: _dt.datetime) -> list[dict]:
-        """The DR's retention: only snapshots a transfer committed are candidates (the DR admin's
-        own are never touched); every one younger than keep_min_age (by the DR's own commit clock)
-        is kept, and of the older ones the newest `keep`. So a flood of new snapshots cannot push
-        anything younger than keep_min_age out, and the newest `keep` older ones stay too."""
-        origins = self.state["snapshots"]
-        cutoff = now - _dt.timedelta(seconds=self.keep_min_age)
-        old = []
-        for s in snaps:
-            if not s.get("flags", 0) & FLAG_REPLICATED:
-                continue
-            at = (origins.get(s["uuid"]) or {}).get("committed_at") or s["created"]
-            if _dt.datetime.fromisoformat(at.replace("Z", "+00:00")) <= cutoff:
-                old.append(s)
-        return old[: max(0, len(old) - max(keep, 1))]
+    def prune_plan(self, snaps: list[dict], own: retention.Rules, request: retention.Rules | None,
+                   now: _dt.datetime) -> list[dict]:
+        """The DR's retention (retention.dr_plan): only snapshots a transfer committed are
+        candidates (the DR admin's own are never touched); every one younger than keep_min_age
+        (by the DR's own commit clock) is kept, and of the older ones what the rules keep. So a
+        flood of new snapshots cannot push anything younger than keep_min_age out, and what the
+        rules keep of the older ones stays too."""
+        committed = {u: o.get("committed_at") for u, o in self.state["snapshots"].items()}
+        doomed, _ = retention.dr_plan(snaps, committed, own, request,
+                                      _dt.timedelta(seconds=self.keep_min_age), now)
+        return doomed
 
 
 def errno_of(e: BaseException) -> int:

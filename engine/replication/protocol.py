@@ -15,8 +15,13 @@ from functools import lru_cache
 from typing import Any
 
 from ..errors import InvalidArgument
+from .gfs import MAX_COUNT, PERIODS
 
 PROTOCOL = 1
+# What this DR takes beyond protocol 1, announced in the begin reply: "keep_gfs" = the commit's
+# optional gfs= argument. A primary sends an optional argument only to a DR that announces it
+# (an older DR refuses any argument it does not know).
+FEATURES = ("keep_gfs",)
 SUM_BYTES = 16
 DELTA_SHIFT = 16  # incremental manifests and delta checks: 64 KiB chunks (scattered deltas stay cheap)
 FULL_SHIFT = 20  # seed, rebase and verify: 1 MiB chunks
@@ -54,7 +59,7 @@ class Command:
     args: dict = field(default_factory=dict)
 
 
-# verb -> {argument: validator}; every argument is required unless its validator accepts None
+# verb -> {argument: validator}; every argument is required unless OPTIONAL names it
 def _uuid_arg(v: str | None) -> str:
     if v is None or not UUID_RE.fullmatch(v):
         raise InvalidArgument(f"not a uuid: {v!r}")
@@ -95,15 +100,37 @@ def _keep_arg(v: str | None) -> int | None:
     return None if v == "none" else _int_arg(1, 1 << 20)(v)
 
 
+def _gfs_arg(v: str | None) -> dict[str, int]:
+    """`hourly:24,daily:7,weekly:4,monthly:12`: each period at most once, in any order, counts
+    1..MAX_COUNT, at least one; the periods not named are 0."""
+    out = dict.fromkeys(PERIODS, 0)
+    seen = set()
+    for part in (v or "").split(","):
+        period, colon, n = part.partition(":")
+        if not colon or period not in out or period in seen:
+            raise InvalidArgument(f"bad GFS count {part[:40]!r} (expected PERIOD:N, PERIOD one of "
+                                  f"{', '.join(PERIODS)}, each at most once)")
+        seen.add(period)
+        out[period] = _int_arg(1, MAX_COUNT)(n)
+    return out
+
+
+def gfs_text(counts: dict | None) -> str | None:
+    """The gfs= value of GFS counts (zero counts left out), None when every count is zero."""
+    text = ",".join(f"{p}:{counts[p]}" for p in PERIODS if counts and counts.get(p))
+    return text or None
+
+
 ARGS: dict[str, dict[str, Any]] = {
     "begin": {"primary": _uuid_arg, "snap": _uuid_arg, "name": _name_arg, "base": _base_arg,
               "token": _token_arg, "force": _flag_arg},
     "data": {"token": _token_arg},
     "manifest": {"token": _token_arg},
     "commit": {"token": _token_arg, "entries": _int_arg(0, MANIFEST_MAX // ENTRY),
-               "shift": _int_arg(MIN_SHIFT, MAX_SHIFT), "keep": _keep_arg},
+               "shift": _int_arg(MIN_SHIFT, MAX_SHIFT), "keep": _keep_arg, "gfs": _gfs_arg},
     "abort": {"token": _token_arg},
 }
+OPTIONAL: dict[str, frozenset[str]] = {"commit": frozenset({"gfs"})}  # newer than protocol 1: FEATURES
 
 
 def parse(name: str) -> Command:
@@ -132,21 +159,25 @@ def parse(name: str) -> Command:
         if not eq or k not in spec or k in got:
             raise InvalidArgument(f"bad argument {part[:40]!r} for {verb}")
         got[k] = v
-    missing = set(spec) - set(got)
+    missing = set(spec) - set(got) - OPTIONAL.get(verb, frozenset())
     if missing:
         raise InvalidArgument(f"{verb} needs {', '.join(sorted(missing))}")
-    return Command(verb, args={k: conv(got[k]) for k, conv in spec.items()})
+    return Command(verb, args={k: conv(got[k]) for k, conv in spec.items() if k in got})
 
 
 def build(verb: str, **args) -> str:
-    """The export name of a command with arguments (the inverse of parse for those verbs)."""
+    """The export name of a command with arguments (the inverse of parse for those verbs). An
+    OPTIONAL argument that is None (or missing) is left out, so the name is what protocol 1 sent."""
     def text(v):
         if v is None:
             return "none"
         if isinstance(v, bool):
             return "1" if v else "0"
         return str(v)
-    name = "!" + verb + "?" + "&".join(f"{k}={text(args[k])}" for k in ARGS[verb])
+    values = {k: gfs_text(v) if isinstance(v, dict) else v for k, v in args.items()}
+    opt = OPTIONAL.get(verb, frozenset())
+    name = "!" + verb + "?" + "&".join(f"{k}={text(values[k])}" for k in ARGS[verb]
+                                       if k not in opt or values.get(k) is not None)
     parse(name)  # never send what the other side would refuse
     return name
 
