@@ -9,6 +9,10 @@ Notes on the design:
   the server went away, a timeout), False when it cannot (the request itself is wrong: EINVAL,
   ERANGE, EPERM, EROFS, ENOSPC on a full target, a refused identity). The caller retries only the
   transient ones.
+- A TLS handshake that fails (GnuTLS: "The TLS connection was non-properly terminated" when the
+  server does not know the user or the key does not match; nbdkit tells the client no more) is
+  TLSAuthError, not a TransferError: no retry fixes a wrong key, and it must not read as "target
+  unreachable" to the operator who has to fix the PSK file or the URI's user.
 """
 
 from __future__ import annotations
@@ -41,12 +45,32 @@ class TransferError(BlockrepError):
         self.transient = transient
 
 
+class TLSAuthError(BlockrepError):
+    """The TLS handshake with the server failed: the PSK file's key or the URI's user is not one
+    the server holds. Fix the key or the user; retrying cannot help (transient is False)."""
+
+    errno = _errno.EACCES
+    transient = False
+
+
+def tls_handshake_failed(e: nbd.Error) -> bool:
+    """A handshake the server ended (or answered with an alert), not one the socket broke under
+    (GnuTLS's "Error in the pull/push function" is a connection reset: transient); or the URI's
+    user is not in our own PSK file (libnbd: "username U was not found in PSK file")."""
+    text = e.string or ""
+    if "not found in PSK file" in text:
+        return True
+    return "gnutls_handshake" in text and "pull function" not in text and "push function" not in text
+
+
 def is_transient(e: nbd.Error) -> bool:
     """Whether a libnbd error may go away on retry. (`e.errno` is the errno's name, e.g. "EPERM";
     `e.errnum` the number.) A request on a connection that already died or was closed by the
     server fails with EINVAL and "invalid state: DEAD" or "... is invalid in state CLOSED": the
     connection was lost, so those are transient."""
     text = (e.string or "").lower()
+    if tls_handshake_failed(e):
+        return False
     if "invalid state" in text or "invalid in state" in text:
         return True
     if e.errnum in PERMANENT:
@@ -81,6 +105,8 @@ def connect(uri: str, export: str | None = None, *, meta: bool = True) -> nbd.NB
             h.set_opt_mode(True)
         h.connect_uri(uri)
     except nbd.Error as e:
+        if tls_handshake_failed(e):
+            raise TLSAuthError(f"TLS handshake failed: wrong PSK or user? ({where}: {e.string})") from None
         # the socket could not be reached (a server restarting: its Unix socket may be missing
         # for a moment, ENOENT) may come back; the caller's first contact (probe) decides that
         # an unreachable target is not worth a minute of retries
