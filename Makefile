@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 
-.PHONY: all bootstrap demo test soak soak-replication fuzz bench build lint clean
+.PHONY: all bootstrap demo test soak soak-replication fuzz bench build man lint clean
 
 all: test
 
@@ -39,6 +39,10 @@ bench: bootstrap
 
 build:
 	$(PY) -m engine._native_build
+
+# blockrep(1) from the parser's help texts, into .venv/share/man/man1 (bootstrap does it too)
+man:
+	scripts/manpage.sh
 
 lint:
 	$(VENV)/bin/mypy engine

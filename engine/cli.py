@@ -1,5 +1,6 @@
 """The `blockrep` command line (contract: DESIGN.md §4). Every failure is one line on stderr,
-``blockrep: error: …``, and exit status 1 (2 for usage errors, as argparse does)."""
+``blockrep: error: …``, and exit status 1 (2 for usage errors, as argparse does, and for `status
+--max-rpo` when a target is behind). Every option has a help text: the man page is made from it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import json
 import sys
 from pathlib import Path
 
-from . import server
+from . import psk, server
 from .access import run_op
 from .errors import BlockrepError, InvalidArgument
 from .freeze import FreezeError, quiesced
 from .units import format_size, parse_duration, parse_size
+from .version import version
 from .volume import Lock, Volume, create, disk_usage, read_params, validate_snapshot_name
 
 
@@ -130,14 +132,35 @@ def cmd_snapshot_create(a) -> int:
     return 0
 
 
+def _targets_by_snapshot(vol: Path) -> dict[str, list[str]]:
+    """snapshot uuid -> the (redacted) URIs of the replication targets whose newest replicated
+    snapshot it is."""
+    from .replication import state
+    from .replication.uris import redact_uri
+    out: dict[str, list[str]] = {}
+    for uri, t in state.load(vol)["targets"].items():
+        if t.get("snapshot_uuid"):
+            out.setdefault(t["snapshot_uuid"], []).append(redact_uri(uri))
+    return out
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers) - 1)]
+    for r in [headers, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip())
+
+
 def cmd_snapshot_list(a) -> int:
     snaps = run_op(a.volume, "snapshot_list")
+    held = _targets_by_snapshot(Path(a.volume).resolve())
+    for s in snaps:
+        s["targets"] = held.get(s.get("uuid") or "", [])
     if a.json:
         _print_json(snaps)
         return 0
-    for s in snaps:
-        print(f"{s['name']}  {s['created']}  changed {format_size(s['changed_bytes'])}  "
-              f"pins {format_size(s['pinned_bytes'])}")
+    _table(["NAME", "CREATED", "CHANGED", "PINS", "TARGETS"],
+           [[s["name"], s["created"], format_size(s["changed_bytes"]), format_size(s["pinned_bytes"]),
+             ", ".join(s["targets"]) or "-"] for s in snaps])
     return 0
 
 
@@ -250,7 +273,7 @@ def cmd_status(a) -> int:
         late = [r["target"] for r in rows if r["rpo_seconds"] is None or r["rpo_seconds"] > a.max_rpo]
         if late:
             print(f"blockrep: error: RPO above {a.max_rpo} s for {', '.join(late)}", file=sys.stderr)
-            return 1
+            return 2  # apart from 1 (the command failed): monitoring tells "behind" from "broken"
     return 0
 
 
@@ -258,7 +281,14 @@ def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
                        foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune,
                        keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age"))
-    del uri  # daemon mode prints nothing else (contract); `blockrep info` shows the URI
+    print(uri)  # daemon mode (contract): the URI clients use; --foreground never gets here (exec)
+    return 0
+
+
+def cmd_psk_create(a) -> int:
+    path = psk.create(a.file, a.user)
+    print(f"created {path} for user {a.user}: serve --tls-psk {path}; clients use "
+          f"nbds://{a.user}@HOST:PORT/?tls-psk-file={path}")
     return 0
 
 
@@ -268,72 +298,94 @@ def cmd_stop(a) -> int:
     return 0
 
 
-def _command(sub, name: str, func, help: str, json: bool = False) -> argparse.ArgumentParser:
+SIZES = "K, M, G, T suffixes (powers of 1024)"
+
+
+def _command(sub, name: str, func, help: str, json: bool = False,
+             json_help: str = "print JSON instead of text") -> argparse.ArgumentParser:
     """A subcommand that takes VOL (and --json where it lists)."""
-    p = sub.add_parser(name, help=help)
-    p.add_argument("volume")
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("volume", metavar="VOL", help="the volume directory")
     if json:
-        p.add_argument("--json", action="store_true")
+        p.add_argument("--json", action="store_true", help=json_help)
     p.set_defaults(func=func)
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blockrep", description="Block volumes over NBD with snapshots and replication.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"blockrep {version()}",
+                   help="print the version (blockrep X.Y.Z) and exit")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
+                           help="one of the commands below; `blockrep COMMAND --help` for its options")
 
     c = _command(sub, "create", cmd_create, "create a volume")
-    c.add_argument("--size", required=True, type=_size_arg("size"))
-    c.add_argument("--backend", default="lsfs", choices=["lsfs", "image"])
-    c.add_argument("--journal", help="change-log directory (image backend)")
-    c.add_argument("--granularity", default=4096, type=_size_arg("granularity"))
-    c.add_argument("--compress", choices=["zstd", "none"])
-    c.add_argument("--segment-size", default=32 << 20, type=_size_arg("segment size"),
-                   help="log segment size (default 32M)")
-    _command(sub, "info", cmd_info, "show a volume", json=True)
+    c.add_argument("--size", required=True, type=_size_arg("size"), metavar="SIZE",
+                   help=f"volume size in bytes, {SIZES}, e.g. 100G; a multiple of 4 KiB, at most 16 TiB")
+    c.add_argument("--backend", default="lsfs", choices=["lsfs", "image"],
+                   help="storage engine: lsfs (log-structured, the default); image is not in this release")
+    c.add_argument("--journal", metavar="DIR", help="change-log directory (image backend, not in this release)")
+    c.add_argument("--granularity", default=4096, type=_size_arg("granularity"), metavar="SIZE",
+                   help=f"unit of change tracking (diff, replication deltas) in bytes, {SIZES}; a power of "
+                        "two from 4K to 1G (default 4K)")
+    c.add_argument("--compress", choices=["zstd", "none"], help="compress stored data with zstd (default none)")
+    c.add_argument("--segment-size", default=32 << 20, type=_size_arg("segment size"), metavar="SIZE",
+                   help=f"log segment size in bytes, {SIZES} (default 32M)")
+    _command(sub, "info", cmd_info, "show a volume: size, disk use, snapshots, recovery report", json=True)
 
     _command(sub, "check", cmd_check, "verify every stored block's checksum, list damaged extents",
              json=True)
 
-    s = _command(sub, "serve", cmd_serve, "serve a volume over NBD")
-    s.add_argument("--socket", help="Unix socket path (default VOL/nbd.sock)")
+    s = _command(sub, "serve", cmd_serve, "serve a volume over NBD (prints the URI it serves)")
+    s.add_argument("--socket", metavar="PATH", help="Unix socket path (default VOL/nbd.sock)")
     s.add_argument("--listen", metavar="HOST:PORT", help="listen on TCP instead of a Unix socket")
-    s.add_argument("--tls-psk", metavar="FILE", help="require TLS with this PSK file")
-    s.add_argument("--foreground", action="store_true", help="do not daemonise")
+    s.add_argument("--tls-psk", metavar="FILE",
+                   help="require TLS with this PSK file (USER:HEXKEY lines; `blockrep psk create` makes one)")
+    s.add_argument("--foreground", action="store_true",
+                   help="do not daemonise: run nbdkit in the foreground (systemd, containers)")
     s.add_argument("--keep", type=int, metavar="N",
                    help="as a DR: keep the newest N replicated snapshots (the DR's own retention)")
     s.add_argument("--keep-min-age", metavar="DURATION", default="1d",
-                   help="as a DR: never prune a snapshot younger than this (default 1d), however many arrive; "
-                        "--keep N then keeps the newest N older ones too")
+                   help="as a DR: never prune a snapshot younger than this (s, m, h, d, w suffixes; a bare "
+                        "number is seconds; default 1d), however many arrive; --keep N then keeps the newest N "
+                        "older ones too")
     s.add_argument("--allow-remote-prune", action="store_true",
                    help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
 
-    sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots")
-    ssub = sn.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser)
+    sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots",
+                        description="create, list, delete and prune snapshots")
+    ssub = sn.add_subparsers(dest="snapshot_command", required=True, parser_class=_Parser, metavar="COMMAND",
+                             help="what to do with snapshots")
     c2 = _command(ssub, "create", cmd_snapshot_create, "take a snapshot (prints its name)")
     c2.add_argument("--name", help="[A-Za-z0-9._-]{1,64}; default: a UTC timestamp")
     c2.add_argument("--freeze", metavar="MOUNTPOINT", action="append",
                     help="fsfreeze -f/-u this filesystem around the snapshot (repeatable)")
     c2.add_argument("--pre", metavar="CMD", action="append", help="command run before; failure refuses the snapshot")
     c2.add_argument("--post", metavar="CMD", action="append", help="command run after, always")
-    _command(ssub, "list", cmd_snapshot_list, "list snapshots, oldest first", json=True)
+    _command(ssub, "list", cmd_snapshot_list, "list snapshots, oldest first, and what each target holds",
+             json=True, json_help="print a JSON list (name, uuid, created, changed_bytes, pinned_bytes, targets)")
     d2 = _command(ssub, "delete", cmd_snapshot_delete, "delete a snapshot")
-    d2.add_argument("name")
+    d2.add_argument("name", metavar="NAME", help="the snapshot to delete")
     d2.add_argument("--force", action="store_true", help="also a snapshot replication still needs")
     p2 = _command(ssub, "prune", cmd_snapshot_prune, "delete all but the newest N snapshots")
-    p2.add_argument("--keep", type=int, required=True)
+    p2.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest snapshots to keep")
     p2.add_argument("--force", action="store_true", help="also snapshots replication still needs")
 
     df = _command(sub, "diff", cmd_diff, "changed extents between two snapshots", json=True)
-    df.add_argument("from", metavar="FROM")
-    df.add_argument("to", metavar="TO")
+    df.add_argument("from", metavar="FROM", help="the older snapshot")
+    df.add_argument("to", metavar="TO", help="the newer snapshot")
 
-    rp = _command(sub, "replicate", cmd_replicate, "ship a snapshot's changes to a DR NBD export", json=True)
+    rp = _command(sub, "replicate", cmd_replicate, "ship a snapshot's changes to a DR NBD export", json=True,
+                  json_help="print a JSON object (snapshot, base, mode, bytes_sent, extents, seconds; "
+                            "error on failure)")
     rp.add_argument("--to", required=True, metavar="URI", help="nbd://, nbds://, nbd+unix:// (libnbd URIs)")
-    rp.add_argument("--snapshot", help="snapshot to ship (default: take one now)")
-    rp.add_argument("--keep-local", type=int, metavar="N")
-    rp.add_argument("--keep-remote", type=int, metavar="N")
-    rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s")
+    rp.add_argument("--snapshot", metavar="NAME", help="snapshot to ship (default: take one now)")
+    rp.add_argument("--keep-local", type=int, metavar="N",
+                    help="afterwards keep the newest N snapshots replicate took here (what replication needs stays)")
+    rp.add_argument("--keep-remote", type=int, metavar="N",
+                    help="ask the DR to keep its newest N (honoured only with its --allow-remote-prune)")
+    rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s",
+                    help=f"at most this many bytes per second, {SIZES}, e.g. 10M (default: unlimited)")
     rp.add_argument("--full", action="store_true", help="send everything, not only the delta")
     rp.add_argument("--force", action="store_true",
                     help="overwrite the head of a DR bound to another volume or holding data of its own")
@@ -341,13 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--freeze", metavar="MOUNTPOINT", action="append", help="fsfreeze around the snapshot")
     rp.add_argument("--pre", metavar="CMD", action="append", help="run before the snapshot; failure refuses it")
     rp.add_argument("--post", metavar="CMD", action="append", help="run after the snapshot, always")
-    rp.add_argument("--connections", type=int,
+    rp.add_argument("--connections", type=int, metavar="N",
                     help="connections to the target (default: 4 on a Unix socket, 1 over TCP, measured best "
                          "on a 100 Mbit/s link; one without multi-conn always gets 1)")
-    rp.add_argument("--in-flight", type=int, default=64, help="requests in flight per connection (default 64)")
+    rp.add_argument("--in-flight", type=int, default=64, metavar="N",
+                    help="requests in flight per connection (default 64)")
 
     vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)
-    vf.add_argument("snapshot")
+    vf.add_argument("snapshot", metavar="SNAP", help="the local snapshot to compare")
     vf.add_argument("--against", required=True, metavar="URI",
                     help="the DR server, its @SNAP export, or any NBD export")
     vf.add_argument("--quick", action="store_true", help="only the chunks of the last delta")
@@ -355,12 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     st = _command(sub, "status", cmd_status, "replication targets: newest replicated snapshot, RPO, pending bytes",
                   json=True)
     st.add_argument("--forget", metavar="URI", help="drop a target's records")
-    st.add_argument("--max-rpo", type=int, metavar="SECONDS", help="exit 1 if a target's RPO is above this")
+    st.add_argument("--max-rpo", type=int, metavar="SECONDS",
+                    help="exit 2 if a target's RPO is above this many seconds or unknown (for monitoring)")
 
     sp = _command(sub, "stop", cmd_stop, "stop serving a volume")
     sp.add_argument("--force", action="store_true",
                     help="stop even when the server cannot make its data durable (full or failing disk): "
                          "writes since the last flush are lost")
+
+    ps = sub.add_parser("psk", help="make TLS pre-shared key files", description="make TLS pre-shared key files")
+    pssub = ps.add_subparsers(dest="psk_command", required=True, parser_class=_Parser, metavar="COMMAND",
+                              help="what to do")
+    pc = pssub.add_parser("create", help="write a new PSK file (mode 0600; never replaces one)",
+                          description="write a new PSK file USER:HEXKEY (32 random bytes), mode 0600, in the "
+                                      "format nbdkit --tls-psk and libnbd tls-psk-file= read")
+    pc.add_argument("file", metavar="FILE", help="the file to create (must not exist)")
+    pc.add_argument("user", metavar="USER", help="the PSK user name, [A-Za-z0-9._-]{1,64} (nbds://USER@host/)")
+    pc.set_defaults(func=cmd_psk_create)
     return p
 
 

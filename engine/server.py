@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 from . import control
-from .errors import BlockrepError, InvalidArgument, NotFound, ServerError, VolumeBusy
+from .errors import BlockrepError, InvalidArgument, ServerError, VolumeBusy
+from .psk import check as check_psk
 from .volume import Lock, read_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,8 +242,7 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     psk = None
     if tls_psk:
         psk = Path(tls_psk).resolve()
-        if not psk.is_file():
-            raise NotFound(f"TLS PSK file {tls_psk} does not exist")
+        check_psk(psk)  # GnuTLS would only fail each client's handshake, saying nothing
     pid = running_pid(vol)
     if pid:
         raise VolumeBusy(f"volume {vol} is already being served (nbdkit pid {pid})")

@@ -12,6 +12,7 @@ APT_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev
     gcc libzstd-dev qemu-utils qemu-system-x86 fuse3 fio e2fsprogs nbd-server nbd-client
     busybox-static linux-image-amd64 cpio kmod util-linux iproute2
+    systemd groff-base
 )
 
 SUDO=()
@@ -92,6 +93,9 @@ log "installing blockrep (editable) with dev extras"
 
 log "building the C extension"
 .venv/bin/python -m engine._native_build
+
+log "generating the man page"
+scripts/manpage.sh
 
 log "done"
 exit 0

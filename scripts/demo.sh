@@ -25,6 +25,7 @@ MANIFEST="$WORK/manifest.sha256"
 DISK="$FUSE_DIR/disk"
 
 SERVING=0
+URI=""
 NBDFUSE_PID=""
 LOOP=""
 
@@ -71,7 +72,8 @@ trap 'exit 130' INT TERM
 
 serve() {
     SERVING=1   # set first: an interrupted serve may still have left a server behind
-    "$BLOCKREP" serve "$VOL"
+    URI="$("$BLOCKREP" serve "$VOL")"   # serve prints the URI it serves
+    echo "serving $URI"
 }
 
 stop() {
@@ -83,7 +85,7 @@ attach() { # nbdfuse the live export to $DISK, then a loop device on it
     local pidfile="$WORK/nbdfuse.pid"
     rm -f "$pidfile"
     mkdir -p "$FUSE_DIR"
-    nbdfuse -P "$pidfile" "$DISK" "nbd+unix:///?socket=$VOL/nbd.sock" &
+    nbdfuse -P "$pidfile" "$DISK" "$URI" &
     NBDFUSE_PID=$!
     for _ in $(seq 200); do
         [ -s "$pidfile" ] && break
@@ -100,7 +102,7 @@ mkdir -p "$MNT"
 step "create a $SIZE volume in $VOL"
 "$BLOCKREP" create "$VOL" --size "$SIZE"
 
-step "serve it on $VOL/nbd.sock"
+step "serve it (on $VOL/nbd.sock)"
 serve
 
 step "attach with nbdfuse + losetup, mkfs.ext4, mount"

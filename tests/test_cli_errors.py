@@ -304,7 +304,7 @@ def test_serve_after_sigkill_cleans_stale_socket_and_pid_file(server):
     assert info["served"] is False
     r = run_blockrep("serve", server.vol)
     assert r.returncode == 0, r.stderr
-    assert r.stdout == "" and r.stderr == ""
+    assert r.stdout == f"{server.uri}\n" and r.stderr == ""  # the URI it serves, nothing else
     assert server.pid and server.pid != pid
     h = server.connect()
     assert h.pread(65536, 1 << 20) == b"\xa5" * 65536

@@ -538,7 +538,7 @@ def test_a_failed_run_shows_in_status_and_json(pair, tmp_path):
     rows = {row["target"]: row for row in status(p.vol)}
     assert rows[bad]["state"] == "failing" and "unreachable" in rows[bad]["last_failure"]["error"]
     assert rows[d.uri]["state"] == "ok" and rows[d.uri]["last_success"]["mode"] == "seed"
-    assert run_blockrep("status", p.vol, "--max-rpo", "3600").returncode == 1  # the bad target has no RPO
+    assert run_blockrep("status", p.vol, "--max-rpo", "3600").returncode == 2  # the bad target has no RPO
     run_blockrep("status", p.vol, "--forget", bad, check=True)
     assert [row["target"] for row in status(p.vol)] == [d.uri]
     assert run_blockrep("status", p.vol, "--max-rpo", "3600").returncode == 0

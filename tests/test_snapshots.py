@@ -525,9 +525,9 @@ def test_snapshot_list_json_shape_and_order(server):
     assert snaps[0]["pinned_bytes"] == 0, snaps
     assert snaps[1]["pinned_bytes"] in (0, 3 * BS), snaps
     assert snaps[2]["pinned_bytes"] == 0, snaps
-    # the human listing: same order, name first
+    # the human listing: a header, then the same order, name first
     r = run_blockrep("snapshot", "list", server.vol, check=True)
-    assert [ln.split()[0] for ln in r.stdout.splitlines()] == ["zz", "mm", "aa"]
+    assert [ln.split()[0] for ln in r.stdout.splitlines()] == ["NAME", "zz", "mm", "aa"]
     # info --json carries the same list and the total pinned
     i = info(server.vol)
     assert [x["name"] for x in i["snapshots"]] == ["zz", "mm", "aa"]
