@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("file", metavar="FILE", help="the file to create (must not exist)")
     pc.add_argument("user", metavar="USER", help="the PSK user name, [A-Za-z0-9._-]{1,64} (nbds://USER@host/)")
     pc.set_defaults(func=cmd_psk_create)
+
+    from .schedule.cli import add_parser as _add_schedule
+    _add_schedule(sub)
     return p
 
 

@@ -97,3 +97,10 @@ class Protected(BlockrepError):
     shipped). Use --force to delete it anyway (the next run to that target then sends more)."""
 
     errno = _errno.EBUSY
+
+
+class Paused(BlockrepError):
+    """A transfer stopped on request (its window closed, the scheduler stopping), not by a fault:
+    its confirmed prefix is saved and the next run of the same transfer resumes after it."""
+
+    errno = _errno.EINTR

@@ -35,6 +35,10 @@ Notes on the design (nbdcopy's model, copy/multi-thread-copying.c, in one Python
   interrupted run resumes without re-sending confirmed chunks.
 - A rate cap holds each write until the link time of its own bytes has passed (no initial
   burst); the loop keeps polling meanwhile.
+- A pause (`cancel`, a threading.Event: the window closed, the scheduler stops) starts nothing
+  new, drops the writes the rate still holds, waits at most CANCEL_GRACE for the requests on the
+  wire, flushes, reports the confirmed prefix through on_progress and raises Paused: the next run
+  resumes after it (docs/SCHEDULE.md §3).
 - Errors: the first failed request, broken connection or stall (no reply for STALL_SECONDS)
   raises TransferError, transient when a retry may help (nbdio.is_transient / errno_transient);
   every connection is then closed at once, dropping what was still in flight.
@@ -53,6 +57,7 @@ from functools import partial
 import nbd
 import numpy as np
 
+from ..errors import Paused
 from . import nbdio
 from .nbdio import TransferError, connect
 
@@ -64,6 +69,7 @@ ZERO_CHUNK = nbdio.ZERO_STEP  # bytes per write-zeroes request (1 GiB)
 BLOCK = 4096  # granularity of rewrite suppression
 QUEUE_BYTES = 16 << 20  # chunk data in flight across all lanes (base reads add as much again)
 PROGRESS_SECONDS = 2.0  # at most this often: flush every target connection, call on_progress
+CANCEL_GRACE = 3.0  # a pause waits at most this long for the requests on the wire
 STALL_SECONDS = 300.0  # requests in flight and no reply for this long: the link is gone
 PLAN_SPAN = 64 << 20  # nearby extents share one block status walk over at most this span...
 PLAN_GROUP = 256  # ...and at most this many of them
@@ -251,6 +257,7 @@ class _Copy:
         self.flush_mark = -1  # the frontier when the flush round in flight began
         self.wire = 0  # commands sent and not yet answered
         self.last_reply = time.monotonic()
+        self.stopping = False  # a pause began: no new writes
 
     # -- connections
 
@@ -314,6 +321,8 @@ class _Copy:
             self.pool.append(view)
 
     def send(self, c: _Chunk, view: memoryview, off: int) -> None:
+        if self.stopping:  # pausing: this chunk is never finished, the next run sends it
+            return
         if self.limiter.rate:
             at = self.limiter.reserve(len(view))
             if at > time.monotonic() or self.held:
@@ -408,7 +417,37 @@ class _Copy:
             self.last_reply = time.monotonic()
             self.process()
 
-    def run(self, chunks: Iterator[tuple[int, int, int, bool]], resume_from: int) -> Stats:
+    def _paused(self, msg: str) -> Paused:
+        e = Paused(msg)
+        e.bytes_sent = self.stats.bytes_sent  # type: ignore[attr-defined]
+        return e
+
+    def pause(self, confirmed: int, deadline: float) -> int:
+        """One step of a pause; returns the confirmed prefix, raises Paused when it is over."""
+        if not self.stopping:
+            self.stopping = True
+            self.held.clear()  # their chunks never finish: the next run sends them
+        now = time.monotonic()
+        if self.flushes == 0 and self.flush_mark >= 0:  # a flush round returned
+            if self.flush_mark > confirmed:
+                confirmed = self.flush_mark
+                if self.on_progress:
+                    self.on_progress(self.stats, confirmed)
+            self.flush_mark = -1
+            if self.frontier <= confirmed or self.wire:
+                raise self._paused(f"paused after {confirmed} bytes of the plan")
+        if self.flushes == 0 and self.wire == 0:
+            if self.frontier <= confirmed:
+                raise self._paused(f"paused after {confirmed} bytes of the plan")
+            self.flush_all()
+            return confirmed
+        if now >= deadline:
+            raise self._paused(f"paused after {confirmed} bytes of the plan (requests still on the wire dropped)")
+        self.wait(min(0.1, deadline - now))
+        return confirmed
+
+    def run(self, chunks: Iterator[tuple[int, int, int, bool]], resume_from: int,
+            cancel: threading.Event | None = None) -> Stats:
         self.add_lane()
         while len(self.lanes) < self.max_lanes:  # all before any data moves: a handshake queued
             self.add_lane()                      # behind a slow link's data would stall the loop
@@ -421,7 +460,15 @@ class _Copy:
         next_progress = time.monotonic() + PROGRESS_SECONDS
         final = False  # the last flush round has begun
         on_progress, in_flight = self.on_progress, self.in_flight
+        deadline = 0.0
         while True:
+            if cancel is not None and cancel.is_set():
+                if not self.stopping:
+                    deadline = time.monotonic() + CANCEL_GRACE
+                while self.frontier in self.finished:
+                    self.frontier = self.finished.pop(self.frontier)
+                confirmed = self.pause(confirmed, deadline)
+                continue
             # start chunks while a lane has room, on the least busy lane
             while pending is not None:
                 lane = min(lanes, key=_busy)
@@ -461,25 +508,29 @@ class _Copy:
                 timeout = min(timeout, self.held[0][0] - now)
             if on_progress and self.flushes == 0 and self.frontier > confirmed:
                 timeout = min(timeout, next_progress - now)
+            if cancel is not None:
+                timeout = min(timeout, 0.2)
             self.wait(timeout)
 
 
 def copy_extents(source_uri: str, source_export: str, target_uri: str, target_export: str | None,
                  extents: list[tuple[int, int]], *, base_export: str | None = None, connections: int = 4,
                  in_flight: int = 64, rate: float | None = None, resume_from: int = 0,
-                 on_progress: Callable[[Stats, int], None] | None = None) -> Stats:
+                 on_progress: Callable[[Stats, int], None] | None = None,
+                 cancel: threading.Event | None = None) -> Stats:
     """Copy `extents` of the source export to the same offsets of the target; returns Stats.
     Up to `connections` lanes (one if the target lacks multi-conn), `in_flight` chunks in
     progress on each. With base_export, 4 KiB blocks equal to the base's are not sent.
     on_progress(stats, done_upto) is called whenever the confirmed prefix of the plan grows
-    (at most every PROGRESS_SECONDS) and once at the end."""
+    (at most every PROGRESS_SECONDS) and once at the end. Setting `cancel` pauses: Paused is
+    raised once the confirmed prefix is saved (at most CANCEL_GRACE later)."""
     copy = _Copy(source_uri, source_export, target_uri, target_export, base_export, connections, in_flight,
                  rate, on_progress)
     planner = None
     ok = False
     try:
         planner = copy._open(source_uri, source_export, meta=True)
-        stats = copy.run(_plan(planner, extents, resume_from), resume_from)
+        stats = copy.run(_plan(planner, extents, resume_from), resume_from, cancel)
         ok = True
         return stats
     except nbd.Error as e:

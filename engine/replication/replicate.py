@@ -12,7 +12,9 @@ Notes on the design:
 - Resume: the confirmed prefix of the transfer plan and the token are saved while it runs; a
   later run of the same transfer (same snapshot, base, mode and plan) continues after it.
 - Faults: transient errors are retried with backoff (1, 2, 4 … 30 s); permanent ones fail at once.
-- Every run, failed or not, is recorded per target (state.record_run).
+- Every run, failed or not, is recorded per target (state.record_run). A pause (`cancel` set: the
+  scheduler's window closed, or it stops) is not a failure: the confirmed prefix is saved, Paused
+  is raised and nothing is recorded as a run; the next run resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 
 from .. import server
 from ..access import run_op
-from ..errors import BlockrepError, InvalidArgument, NotFound
+from ..errors import BlockrepError, InvalidArgument, NotFound, Paused
 from ..freeze import quiesced
 from ..units import format_size
 from ..volume import read_params
@@ -118,7 +120,8 @@ class Run:
     """One replicate run (the lock is held by the caller)."""
 
     def __init__(self, vol: Path, to: str, *, rate, full, force, retries, progress, connections, in_flight,
-                 wait=False):
+                 wait=False, cancel: threading.Event | None = None):
+        self.cancel = cancel
         self.vol, self.to, self.rate, self.full, self.force = vol, to, rate, full, force
         self.wait = wait
         self.dr_lock: state.RunLock | None = None
@@ -269,10 +272,16 @@ class Run:
         bad = C.differing(mine, theirs).tolist()
         return C.coalesce(bad, P.FULL_SHIFT, size), []
 
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Paused("paused before any data moved")
+
     def transfer(self, src: str, snap: dict, p: plan.Plan, dr: dict | None, record: dict, keep_remote) -> dict:
         vol, size = self.vol, self.params.size
         progress = record.get("in_progress")
+        self.check_cancel()
         extents, dirty = self.extents_for(src, snap, p, dr, progress)
+        self.check_cancel()
         base_uuid = p.base["uuid"] if p.base else None
         resume, token = plan.resume_point(progress, snap["uuid"], base_uuid, p.mode, extents)
         if dr is None:
@@ -334,7 +343,7 @@ class Run:
             st = copy_extents(src, "@" + snap["name"], self.to, target_export, extents,
                               base_export=f"@{base['name']}" if base else None, rate=self.rate,
                               resume_from=in_progress["done_upto"], on_progress=save_progress,
-                              connections=self.connections, in_flight=self.in_flight)
+                              connections=self.connections, in_flight=self.in_flight, cancel=self.cancel)
             return {k: v for k, v in st.as_dict().items() if k != "seconds"}
         try:
             return self._retrying(attempt, "transfer", show)
@@ -396,7 +405,11 @@ class Run:
                 if show is not None:
                     show.note(f"retrying in {wait} s (attempt {attempt + 1} of {self.retries + 1}): {e}")
                 state.set_target(self.vol, self.to, last_error=f"retrying the {what} (attempt {attempt + 1}): {e}")
-                time.sleep(wait)
+                if self.cancel is not None:
+                    if self.cancel.wait(wait):
+                        raise Paused(f"paused while waiting to retry the {what}") from None
+                else:
+                    time.sleep(wait)
         raise AssertionError("unreachable")
 
     def fingerprint(self, src: str, snap: dict, extents) -> dict:
@@ -412,7 +425,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
               keep_remote: int | None = None, rate: float | None = None, full: bool = False,
               force: bool = False, wait: bool = False, freeze=None, pre=None, post=None,
               retries: int = 6, progress: bool = False, connections: int | None = None,
-              in_flight: int = 64) -> dict:
+              in_flight: int = 64, cancel: threading.Event | None = None) -> dict:
     """Run one replication; every outcome is recorded in VOL/replication.json. On failure the
     raised error carries `.details` (snapshot, mode, base) for `--json`."""
     vol = Path(volume).resolve()
@@ -424,7 +437,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
     lock = state.RunLock(vol, to)
     lock.acquire(wait=wait)
     run = Run(vol, to, rate=rate, full=full, force=force, retries=retries, progress=progress,
-              connections=connections, in_flight=in_flight, wait=wait)
+              connections=connections, in_flight=in_flight, wait=wait, cancel=cancel)
     started = state.now()
     try:
         res = run.run(snapshot, keep_local=keep_local, keep_remote=keep_remote, freeze=freeze, pre=pre, post=post)
@@ -433,6 +446,9 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
                                    "bytes_sent": res["bytes_sent"], "seconds": res["seconds"], "rate": rate},
                          last_error=None)
         return res
+    except Paused as e:
+        e.details = dict(run.info)  # type: ignore[attr-defined]
+        raise
     except BlockrepError as e:
         e.details = dict(run.info)  # type: ignore[attr-defined]
         with contextlib.suppress(BlockrepError, OSError):

@@ -1,0 +1,1 @@
+"""The replication scheduler (docs/SCHEDULE.md)."""

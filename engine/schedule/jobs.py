@@ -1,0 +1,282 @@
+"""The daemon's workers (docs/SCHEDULE.md §2-3): one thread per volume takes its snapshots on
+schedule and prunes the primary; one thread per (volume, target) ships what the target lacks,
+inside its window, at its rate, with backoff after failures. Workers share nothing but the
+volume's JobState and the daemon's transfer semaphore; a pause is a threading.Event handed to
+replicate(), which saves the confirmed prefix and raises Paused."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import threading
+from collections.abc import Callable
+
+from .. import server
+from ..access import run_op
+from ..errors import BlockrepError, Paused
+from ..freeze import quiesced
+from ..replication import drclient
+from ..replication import state as repl_state
+from ..replication.replicate import replicate
+from ..replication.retention import FLAG_REPLICATE
+from ..replication.uris import redact_uri
+from ..units import format_size
+from ..volume import read_params
+from . import calendar as cal
+from .config import Target, VolumeJob
+from .jobstate import JobState
+
+log = logging.getLogger("blockrep.schedule")
+IDLE_POLL = 30.0  # a target with nothing to do looks again this often (a snapshot also wakes it)
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.UTC)
+
+
+def snapshot_name(slot: _dt.datetime) -> str:
+    return "sched-" + slot.astimezone(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+class Shared:
+    """What every worker of one daemon shares."""
+
+    def __init__(self, max_transfers: int, retry_min: int, retry_max: int, notify: Callable[[str], None]):
+        self.transfers = threading.BoundedSemaphore(max_transfers)
+        self.retry_min, self.retry_max = retry_min, retry_max
+        self.notify = notify
+
+
+class TargetWorker(threading.Thread):
+    def __init__(self, job: VolumeJob, target: Target, st: JobState, shared: Shared):
+        super().__init__(daemon=True, name=f"ship {job.path.name} -> {redact_uri(target.uri)}")
+        self.job, self.target, self.st, self.shared = job, target, st, shared
+        self.label = f"{job.path} -> {redact_uri(target.uri)}"
+        self.stop_ev = threading.Event()
+        self.wake = threading.Event()
+        self.cancel: threading.Event | None = None
+        self.failures = 0
+        self.retry_at: _dt.datetime | None = None
+        st.set_target(target.uri, state="idle", failures=0, next_attempt=None, next_window=None)
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        self.wake.set()
+        if self.cancel is not None:
+            self.cancel.set()
+
+    def _sleep(self, seconds: float) -> None:
+        self.wake.wait(max(0.0, min(seconds, IDLE_POLL)))
+        self.wake.clear()
+
+    def pending(self) -> tuple[str | None, bool]:
+        """(snapshot to ship next, whether it resumes an interrupted transfer)."""
+        vol = self.job.path
+        snaps = run_op(vol, "snapshot_list")
+        rec = repl_state.target(vol, self.target.uri)
+        by_uuid = {s["uuid"]: i for i, s in enumerate(snaps)}
+        prog = rec.get("in_progress") or {}
+        if prog.get("snapshot_uuid") in by_uuid:
+            s = snaps[by_uuid[prog["snapshot_uuid"]]]
+            return s["name"], bool(prog.get("done_upto"))
+        have = by_uuid.get(rec.get("snapshot_uuid") or "", -1)
+        todo = [s for s in snaps[have + 1:] if s.get("flags", 0) & FLAG_REPLICATE]
+        if not todo:
+            return None, False
+        if have < 0 or self.target.ship == "newest":
+            return todo[-1]["name"], False
+        return todo[0]["name"], False
+
+    def run(self) -> None:
+        uri = self.target.uri
+        while not self.stop_ev.is_set():
+            try:
+                name, resuming = self.pending()
+            except BlockrepError as e:
+                self._failed(None, e)
+                continue
+            now = utcnow()
+            if name is None:
+                self.st.set_target(uri, state="idle", next_window=None, snapshot=None)
+                self._sleep(IDLE_POLL)
+                continue
+            w = self.target.window
+            if w is not None and not w.is_open(now):
+                opens = w.next_open(now)
+                state = "paused" if resuming else "waiting"
+                self.st.set_target(uri, state=state, snapshot=name, next_window=opens)
+                self._sleep((opens - now).total_seconds() + 0.05)
+                continue
+            if self.retry_at is not None and now < self.retry_at:
+                self._sleep((self.retry_at - now).total_seconds())
+                continue
+            if not self.shared.transfers.acquire(timeout=1.0):
+                self.st.set_target(uri, state="queued", snapshot=name)
+                continue
+            try:
+                if not self.stop_ev.is_set():
+                    self.ship(name, resuming)
+            finally:
+                self.shared.transfers.release()
+
+    def ship(self, name: str, resuming: bool) -> None:
+        uri, t = self.target.uri, self.target
+        self.cancel = cancel = threading.Event()
+        if self.stop_ev.is_set():
+            cancel.set()
+        closer = None
+        why = "the scheduler is stopping"
+        if t.window is not None:
+            closes = t.window.closes_at(utcnow())
+            closer = threading.Timer(max(0.0, (closes - utcnow()).total_seconds()), cancel.set)
+            closer.daemon = True
+            closer.start()
+            why = f"window {t.window} closed; resumes at the next opening"
+        rec = repl_state.target(self.job.path, uri).get("in_progress") or {}
+        done = rec.get("done_upto") or 0
+        self.st.set_target(uri, state="running", snapshot=name, since=utcnow(), next_window=None)
+        if resuming:
+            log.info("%s: transfer of %s resumed at %s", self.label, name, format_size(done))
+        else:
+            log.info("%s: transfer of %s started", self.label, name)
+        self.shared.notify(f"{self.label}: shipping {name}")
+        kwargs: dict = {}
+        if t.gfs:
+            kwargs["keep_remote_gfs"] = t.gfs
+        try:
+            res = replicate(str(self.job.path), uri, snapshot=name, keep_remote=t.keep_remote, rate=t.rate,
+                            retries=1, connections=t.connections, cancel=cancel, **kwargs)
+        except Paused as e:
+            self.st.add(uri, "bytes_sent_total", int(getattr(e, "bytes_sent", 0) or 0))
+            stopping = self.stop_ev.is_set()
+            self.st.set_target(uri, state="paused")
+            log.info("%s: transfer of %s paused (%s)", self.label, name,
+                     "the scheduler is stopping" if stopping else why)
+            return
+        except BlockrepError as e:
+            self._failed(name, e)
+            return
+        finally:
+            self.cancel = None
+            if closer is not None:
+                closer.cancel()
+        self.failures, self.retry_at = 0, None
+        self.st.add(uri, "bytes_sent_total", int(res.get("bytes_sent") or 0))
+        self.st.set_target(uri, state="idle", failures=0, next_attempt=None, last_error=None,
+                           last_finished=utcnow(), last_snapshot=name)
+        how = res.get("mode")
+        if how == "incremental":
+            how = f"incremental since {res.get('base')}"
+        log.info("%s: transfer of %s finished (%s): %s sent in %s s", self.label, name, how,
+                 format_size(res.get("bytes_sent") or 0), res.get("seconds"))
+        for gone in res.get("pruned_remote") or []:
+            log.info("%s: DR pruned %s", self.label, gone)
+        if res.get("target_is_blockrep"):
+            self.count_dr_snapshots()
+        self.shared.notify(f"{self.label}: {name} replicated")
+        prune_local(self.job, self.st)
+
+    def count_dr_snapshots(self) -> None:
+        """The DR's snapshots of this volume, for status and blockrep_snapshots{site="dr"}."""
+        try:
+            mine = read_params(self.job.path).uuid
+            hello = drclient.hello(self.target.uri)
+        except BlockrepError:
+            return
+        n = sum(1 for s in hello.get("snapshots", []) if (s.get("source") or "") == mine)
+        self.st.set_target(self.target.uri, dr_snapshots=n)
+
+    def _failed(self, name: str | None, e: BlockrepError) -> None:
+        self.failures += 1
+        delay = min(self.shared.retry_max, self.shared.retry_min * 2 ** (self.failures - 1))
+        self.retry_at = utcnow() + _dt.timedelta(seconds=delay)
+        self.st.add(self.target.uri, "failures_total", 1)
+        self.st.set_target(self.target.uri, state="failing", failures=self.failures, last_error=str(e),
+                           next_attempt=self.retry_at)
+        what = f"transfer of {name}" if name else "looking for work"
+        log.warning("%s: %s failed: %s; retry in %d s", self.label, what, e, delay)
+        self.shared.notify(f"{self.label}: failing")
+        self._sleep(delay)
+
+
+def prune_local(job: VolumeJob, st: JobState) -> None:
+    """The primary's retention: scheduled snapshots beyond keep_local (and the GFS rules); the
+    ones replication still needs are kept (REPLICATION.md §6)."""
+    kwargs: dict = {"keep": job.keep_local, "only_tagged": True}
+    if job.gfs:
+        kwargs["gfs"] = job.gfs
+    try:
+        res = run_op(job.path, "snapshot_prune", **kwargs)
+    except BlockrepError as e:
+        log.warning("%s: pruning failed: %s", job.path, e)
+        st.set(last_error=f"pruning: {e}")
+        return
+    for name in res.get("deleted", []):
+        log.info("%s: pruned %s", job.path, name)
+
+
+class VolumeWorker(threading.Thread):
+    """Takes the volume's snapshots at its slots (one catch-up after downtime) and wakes its
+    targets."""
+
+    def __init__(self, job: VolumeJob, shared: Shared):
+        super().__init__(daemon=True, name=f"snap {job.path.name}")
+        self.job, self.shared = job, shared
+        self.st = JobState(job.path)
+        self.stop_ev = threading.Event()
+        self.targets = [TargetWorker(job, t, self.st, shared) for t in job.targets]
+        for uri in list(self.st.data["targets"]):
+            if uri not in {t.uri for t in job.targets}:
+                del self.st.data["targets"][uri]
+
+    def begin(self) -> None:
+        self.start()
+        for t in self.targets:
+            t.start()
+
+    def stop(self) -> None:
+        self.stop_ev.set()
+        for t in self.targets:
+            t.stop()
+
+    def join_all(self, timeout: float) -> None:
+        deadline = utcnow() + _dt.timedelta(seconds=timeout)
+        for th in [self, *self.targets]:
+            th.join(max(0.0, (deadline - utcnow()).total_seconds()))
+
+    def ensure_served(self) -> None:
+        if not server.running_pid(self.job.path):
+            log.info("%s: not served; starting its server", self.job.path)
+            server.serve(str(self.job.path))
+
+    def run(self) -> None:
+        job = self.job
+        if self.st.last_slot is None:  # never ran: wait for the first slot, no catch-up of the past
+            self.st.set(last_slot=cal.slot_at_or_before(job.start, job.every, utcnow()))
+        while not self.stop_ev.is_set():
+            now = utcnow()
+            slot = cal.due(job.start, job.every, self.st.last_slot, now)
+            if slot is not None:
+                last = self.st.last_slot
+                self.take(slot, catch_up=last is not None and (slot - last).total_seconds() > job.every)
+            nxt = cal.next_slot(job.start, job.every, utcnow())
+            self.st.set(next_run=nxt)
+            self.stop_ev.wait(max(0.0, (nxt - utcnow()).total_seconds()))
+
+    def take(self, slot: _dt.datetime, catch_up: bool) -> None:
+        job, name = self.job, snapshot_name(slot)
+        try:
+            self.ensure_served()
+            with quiesced(freeze=list(job.freeze) or None, pre=list(job.pre) or None, post=list(job.post) or None):
+                snap = run_op(job.path, "snapshot_create", name=name, tag=True)
+        except BlockrepError as e:
+            log.warning("%s: snapshot for the slot %s failed: %s", job.path, cal.iso(slot), e)
+            self.st.set(last_slot=slot, last_error=f"snapshot: {e}")
+            self.shared.notify(f"{job.path}: snapshot failed")
+            return
+        self.st.set(last_slot=slot, last_snapshot=snap["name"], last_error=None)
+        log.info("%s: snapshot %s taken%s", job.path, snap["name"], " (catching up a missed run)" if catch_up else "")
+        self.shared.notify(f"{job.path}: snapshot {snap['name']}")
+        for t in self.targets:
+            t.wake.set()
+        prune_local(job, self.st)

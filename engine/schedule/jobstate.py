@@ -1,0 +1,92 @@
+"""VOL/schedule.json (docs/SCHEDULE.md §4): what the daemon is doing with a volume, for
+`schedule status` and the metrics, and the last slot it ran (so a restart catches up once)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import threading
+from pathlib import Path
+
+from ..errors import BlockrepError
+from .calendar import iso, parse_iso
+
+FILE = "schedule.json"
+VERSION = 1
+
+
+def load(vol: Path) -> dict:
+    """The record, {} when the daemon never ran this volume; a damaged file is refused."""
+    try:
+        raw = json.loads((vol / FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BlockrepError(f"{vol / FILE} is damaged ({e}); move it away (the schedule then starts afresh)") from None
+    if not isinstance(raw, dict) or raw.get("version") != VERSION or not isinstance(raw.get("targets", {}), dict):
+        raise BlockrepError(f"{vol / FILE} is not a schedule record of version {VERSION}; move it away")
+    return raw
+
+
+class JobState:
+    """The daemon's in-memory copy of one volume's record, shared by its workers; every change is
+    written through (temporary file, fsync, rename)."""
+
+    def __init__(self, vol: Path):
+        self.vol = vol
+        self.lock = threading.Lock()
+        try:
+            old = load(vol)
+        except BlockrepError:
+            old = {}  # the daemon's own file: start afresh rather than refuse to run
+        self.data: dict = {"version": VERSION, "pid": os.getpid(), "last_slot": old.get("last_slot"),
+                           "last_snapshot": old.get("last_snapshot"), "next_run": None, "last_error": None,
+                           "targets": {}}
+        for uri, t in (old.get("targets") or {}).items():
+            if isinstance(t, dict):  # counters carry over; states are re-learnt
+                self.data["targets"][uri] = {"state": "idle", "bytes_sent_total": int(t.get("bytes_sent_total") or 0),
+                                             "failures_total": int(t.get("failures_total") or 0), "failures": 0}
+
+    @property
+    def last_slot(self):
+        return parse_iso(self.data.get("last_slot"))
+
+    def target(self, uri: str) -> dict:
+        return self.data["targets"].setdefault(uri, {"state": "idle", "bytes_sent_total": 0, "failures_total": 0,
+                                                     "failures": 0})
+
+    def set(self, **fields) -> None:
+        with self.lock:
+            self.data.update({k: iso(v) if hasattr(v, "astimezone") else v for k, v in fields.items()})
+            self._save()
+
+    def set_target(self, uri: str, **fields) -> None:
+        with self.lock:
+            t = self.target(uri)
+            for k, v in fields.items():
+                t[k] = iso(v) if hasattr(v, "astimezone") else v
+            self._save()
+
+    def add(self, uri: str, key: str, n: int) -> None:
+        with self.lock:
+            t = self.target(uri)
+            t[key] = int(t.get(key) or 0) + n
+            self._save()
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return json.loads(json.dumps(self.data))
+
+    def _save(self) -> None:
+        self.data["heartbeat"] = iso(_dt.datetime.now(_dt.UTC))
+        tmp = self.vol / (FILE + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.data, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.vol / FILE)
+        except OSError:
+            pass  # a full disk must not stop the schedule; status is then stale (heartbeat says so)

@@ -1,0 +1,385 @@
+"""The scheduler daemon end to end (issue 9): the real `blockrep schedule run` against a real primary
+and a real blockrep DR, intervals of seconds: cycles and both retentions, a window that closes
+mid-transfer (bytes stop, status says paused, the resume sends nothing twice), the DR down for
+several cycles, SIGTERM mid-transfer and a restart, SIGHUP with a bad file, a catch-up after
+downtime, the transfer bound, the metrics endpoint and systemd's notify socket."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import BLOCKREP, run_blockrep
+from prometheus_client.parser import text_string_to_metric_families
+
+pytestmark = pytest.mark.slow
+MiB = 1 << 20
+DR_ARGS = ("--keep", "1", "--allow-remote-prune", "--keep-min-age", "0")
+
+
+def write(server, pattern: int, offset_mib: int, mib: int = 1) -> None:
+    r = subprocess.run(["qemu-io", "-f", "raw", "-c", f"write -P {pattern} {offset_mib}M {mib}M", server.uri],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def write_random(server, mib: int) -> None:
+    """Data that no block-status walk can skip (qemu-io's random pattern writes are slow: nbdcopy)."""
+    src = server.vol.parent / "random.bin"
+    src.write_bytes(os.urandom(mib * MiB))
+    r = subprocess.run(["nbdcopy", "--", str(src), server.uri], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+def local_clock(seconds_from_now: float) -> str:
+    t = dt.datetime.now() + dt.timedelta(seconds=seconds_from_now)
+    return t.strftime("%H:%M:%S")
+
+
+def soon(seconds: float = 1.0) -> str:
+    return (dt.datetime.now() + dt.timedelta(seconds=seconds)).replace(microsecond=0).isoformat()
+
+
+class Sched:
+    """One `blockrep schedule run` process, its stderr in a file."""
+
+    def __init__(self, cfg: Path, env: dict | None = None):
+        self.cfg, self.env = cfg, env
+        self.logfile = cfg.with_suffix(".log")
+        self.p: subprocess.Popen | None = None
+
+    def start(self) -> Sched:
+        self.logf = open(self.logfile, "a")
+        self.p = subprocess.Popen([BLOCKREP, "schedule", "run", str(self.cfg)], stdout=self.logf,
+                                  stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})})
+        self.wait_log(r"started: ", timeout=30)
+        return self
+
+    def log(self) -> str:
+        return self.logfile.read_text()
+
+    def count(self, pattern: str) -> int:
+        return len(re.findall(pattern, self.log()))
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count(pattern) < count:
+            if self.p is not None and self.p.poll() is not None:
+                raise AssertionError(f"the daemon exited {self.p.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count}x {pattern!r} in {timeout} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def stop(self, sig=signal.SIGTERM) -> tuple[int, float]:
+        assert self.p is not None
+        t0 = time.monotonic()
+        self.p.send_signal(sig)
+        rc = self.p.wait(timeout=30)
+        self.logf.close()
+        return rc, time.monotonic() - t0
+
+    def kill(self) -> None:
+        if self.p is not None and self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+@pytest.fixture
+def sched(tmp_path):
+    made: list[Sched] = []
+
+    def make(text: str, env: dict | None = None) -> Sched:
+        cfg = tmp_path / f"schedule{len(made)}.toml"
+        cfg.write_text(text)
+        s = Sched(cfg, env)
+        made.append(s)
+        return s
+    yield make
+    for s in made:
+        s.kill()
+
+
+def volume_toml(p, every="2s", keep_local=2, start=None) -> str:
+    return (f'[[volume]]\npath = "{p.vol}"\nevery = "{every}"\nkeep_local = {keep_local}\n'
+            + (f'start = "{start}"\n' if start else ""))
+
+
+def target_toml(d, **kw) -> str:
+    lines = [f'[[volume.target]]\nuri = "{d.uri}"']
+    for k, v in kw.items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def status(cfg: Path) -> list[dict]:
+    return json.loads(run_blockrep("schedule", "status", cfg, "--json", check=True).stdout)
+
+
+def snapshots(vol) -> list[dict]:
+    return json.loads(run_blockrep("snapshot", "list", vol, "--json", check=True).stdout)
+
+
+def dr_names(d) -> list[str]:
+    from replhelp import dr_snapshots
+    return dr_snapshots(d)
+
+
+def verify(p, name: str, d) -> None:
+    r = run_blockrep("verify", p.vol, name, "--against", d.uri)
+    assert r.returncode == 0, r.stderr
+
+
+def dr_live(d) -> int:
+    return d.info()["live_bytes"]
+
+
+def in_progress(p, d) -> dict:
+    return (json.loads((p.vol / "replication.json").read_text())["targets"][d.uri].get("in_progress") or {})
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+def test_cycles_ship_on_schedule_and_both_retentions_are_exact(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    s = sched(volume_toml(p, every="2s", keep_local=2) + target_toml(d, keep_remote=3)).start()
+    for i in range(6):
+        write(p, 0x10 + i, i)
+        s.wait_log(r"transfer of \S+ finished", count=i + 1, timeout=30)
+    rc, _ = s.stop()
+    assert rc == 0
+    taken = re.findall(r"snapshot (sched-\S+) taken", s.log())
+    assert len(taken) >= 6
+    times = [dt.datetime.strptime(n[6:], "%Y%m%dT%H%M%SZ") for n in taken]
+    assert all((b - a).total_seconds() % 2 == 0 and b > a for a, b in zip(times, times[1:], strict=False))
+    mine = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"]
+    shipped = re.findall(r"transfer of (\S+) finished", s.log())
+    assert mine == shipped[-2:], (mine, shipped)          # keep_local = 2
+    assert dr_names(d) == shipped[-3:]                    # keep_remote = 3 at a DR that allows it
+    assert "finished (seed)" in s.log() and s.count(r"finished \(incremental since") >= 5
+    assert s.count(r": pruned sched-") >= 1 and s.count(r"DR pruned sched-") >= 1
+    verify(p, shipped[-1], d)
+    (row,) = status(s.cfg)
+    (t,) = row["targets"]
+    assert t["snapshot"] == shipped[-1] and t["state"] == "stopped" and not row["daemon"]["running"]
+    assert t["bytes_sent_total"] >= 6 * MiB
+
+
+def test_a_window_that_closes_mid_transfer_pauses_it_and_the_next_opening_resumes_it(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    write_random(p, 12)
+    # open now, closed from +4 s to +10 s (a window that spans "midnight": opens at +10, closes at +4)
+    window = f"{local_clock(10)}-{local_clock(4)}"
+    s = sched(volume_toml(p, every="1h", start=soon(3)) + target_toml(d, window=window, rate="2M")).start()
+    s.wait_log(r"transfer of \S+ started", timeout=20)
+    s.wait_log(r"paused \(window", timeout=20)
+    (row,) = status(s.cfg)
+    assert row["targets"][0]["state"] == "paused", row
+    done = in_progress(p, d).get("done_upto", 0)
+    assert 0 < done < 12 * MiB
+    before = dr_live(d)
+    time.sleep(3)  # closed: no byte moves
+    assert dr_live(d) == before
+    assert in_progress(p, d).get("done_upto") == done
+    name = re.search(r"transfer of (\S+) started", s.log()).group(1)
+    assert name not in dr_names(d)  # never a partial DR snapshot
+    s.wait_log(r"transfer of \S+ resumed at", timeout=20)
+    s.wait_log(r"transfer of \S+ finished", timeout=30)
+    assert s.stop()[0] == 0
+    (row,) = status(s.cfg)
+    sent = row["targets"][0]["bytes_sent_total"]
+    assert 12 * MiB <= sent < 12 * MiB + (done // 2) + 6 * MiB, sent  # the confirmed part is not sent again
+    assert name in dr_names(d)
+    verify(p, name, d)
+
+
+def test_a_snapshot_taken_while_the_window_is_closed_waits_for_the_opening(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    write(p, 0x33, 0)
+    window = f"{local_clock(6)}-{local_clock(-60)}"  # closed for the next 6 s
+    s = sched(volume_toml(p, every="1h", start=soon(3)) + target_toml(d, window=window)).start()
+    s.wait_log(r"snapshot \S+ taken", timeout=20)
+    time.sleep(1)
+    (row,) = status(s.cfg)
+    assert row["targets"][0]["state"] == "waiting" and row["targets"][0]["next_window"], row
+    assert s.count("transfer of") == 0
+    s.wait_log(r"transfer of \S+ finished", timeout=20)
+    assert s.stop()[0] == 0
+
+
+def test_a_dr_down_for_several_cycles_is_caught_up_incrementally(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    text = 'retry_min = "1s"\nretry_max = "2s"\n' + volume_toml(p, every="2s", keep_local=1) + target_toml(d)
+    s = sched(text).start()
+    write(p, 0x41, 0)
+    s.wait_log(r"finished \(seed\)", timeout=30)
+    d.stop()
+    for i in range(3):
+        write(p, 0x50 + i, 2 + i)
+        time.sleep(2)
+    s.wait_log(r"failed: ", timeout=20)
+    (row,) = status(s.cfg)
+    assert row["targets"][0]["state"] == "failing" and row["targets"][0]["last_error"]
+    pending_names = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"]
+    assert len(pending_names) >= 3  # kept although keep_local = 1: the DR has not received them
+    seen = s.count(r"finished \(")
+    d.start()
+    s.wait_log(r"finished \(", count=seen + 3, timeout=60)
+    assert s.stop()[0] == 0
+    after = s.log().split("failed: ", 1)[1]
+    assert "finished (seed)" not in after and "finished (incremental since" in after
+    newest = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"][-1]
+    assert newest in dr_names(d)
+    verify(p, newest, d)
+    assert len([x for x in snapshots(p.vol) if x.get("origin") == "replicate"]) == 1  # pruned once shipped
+
+
+def test_sigterm_mid_transfer_exits_0_quickly_and_the_next_start_resumes(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    write_random(p, 12)
+    text = volume_toml(p, every="1h", start=soon(3)) + target_toml(d, rate="2M")
+    s = sched(text).start()
+    s.wait_log(r"transfer of \S+ started", timeout=20)
+    time.sleep(3.5)
+    rc, took = s.stop()
+    assert rc == 0 and took < 10, (rc, took)
+    assert "paused (the scheduler is stopping)" in s.log()
+    done = in_progress(p, d).get("done_upto", 0)
+    assert done > 0
+    s2 = Sched(s.cfg).start()
+    try:
+        s2.wait_log(r"resumed at", timeout=20)
+        s2.wait_log(r"transfer of \S+ finished", timeout=30)
+        assert s2.stop()[0] == 0
+    finally:
+        s2.kill()
+    assert " taken" not in s2.log().split("started: ")[-1]  # that slot was done: no second snapshot
+    (row,) = status(s.cfg)
+    assert 12 * MiB <= row["targets"][0]["bytes_sent_total"] < 12 * MiB + 6 * MiB
+    name = re.search(r"transfer of (\S+) started", s.log()).group(1)
+    verify(p, name, d)
+
+
+def test_sighup_with_a_bad_file_keeps_the_old_configuration(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    good = volume_toml(p, every="2s") + target_toml(d)
+    s = sched(good).start()
+    s.wait_log(r"snapshot \S+ taken", timeout=20)
+    s.cfg.write_text(good.replace('every = "2s"', 'every = "often"') + "bogus = 1\n")
+    s.p.send_signal(signal.SIGHUP)
+    s.wait_log(r"reload refused", count=2, timeout=20)  # one line per error
+    n = s.count(r"snapshot \S+ taken")
+    s.wait_log(r"snapshot \S+ taken", count=n + 2, timeout=20)  # still running, every 2 s
+    s.cfg.write_text(good.replace("keep_local = 2", "keep_local = 1"))
+    s.p.send_signal(signal.SIGHUP)
+    s.wait_log(r"configuration reloaded", timeout=20)
+    n = s.count(r"snapshot \S+ taken")
+    s.wait_log(r"snapshot \S+ taken", count=n + 1, timeout=20)
+    s.wait_log(r"transfer of \S+ finished", count=s.count(r"transfer of \S+ finished") + 1, timeout=20)
+    assert s.stop()[0] == 0
+    assert len([x for x in snapshots(p.vol) if x.get("origin") == "replicate"]) == 1  # the new keep_local
+
+
+def test_missed_runs_are_caught_up_once(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    s = sched(volume_toml(p, every="2s") + target_toml(d)).start()
+    s.wait_log(r"snapshot \S+ taken", timeout=20)
+    assert s.stop()[0] == 0
+    down = dt.datetime.now(dt.UTC).replace(tzinfo=None)
+    time.sleep(7)  # three slots missed
+    s2 = Sched(s.cfg).start()
+    try:
+        s2.wait_log(r"catching up a missed run", timeout=5)
+        time.sleep(2.5)
+    finally:
+        s2.stop()
+    log = s2.log().split("started: ")[-1]
+    assert log.count("(catching up a missed run)") == 1, log
+    slots = [dt.datetime.strptime(n, "%Y%m%dT%H%M%SZ") for n in re.findall(r"snapshot sched-(\S+) taken", log)]
+    restarted = down + dt.timedelta(seconds=7)
+    assert len([t for t in slots if down < t <= restarted]) == 1, (slots, down)  # one run for three slots
+
+
+def test_max_transfers_bounds_concurrent_transfers(make_server, sched):
+    p1, p2 = make_server("p1"), make_server("p2")
+    d1, d2 = make_server("d1", serve_args=DR_ARGS), make_server("d2", serve_args=DR_ARGS)
+    write_random(p1, 3)
+    write_random(p2, 3)
+    start = soon(3)
+    text = ("max_transfers = 1\n" + volume_toml(p1, every="1h", start=start) + target_toml(d1, rate="2M")
+            + volume_toml(p2, every="1h", start=start) + target_toml(d2, rate="2M"))
+    s = sched(text).start()
+    s.wait_log(r"transfer of \S+ finished", count=2, timeout=40)
+    assert s.stop()[0] == 0
+    events = re.findall(r"(p[12]) -> \S+: transfer of \S+ (started|finished)", s.log())
+    assert [e[1] for e in events] == ["started", "finished", "started", "finished"], events
+    assert events[0][0] == events[1][0] and events[2][0] == events[3][0] != events[0][0]
+
+
+def _free_port() -> int:
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+def test_metrics_endpoint_has_the_values_status_shows(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    port = _free_port()
+    write(p, 0x61, 0, 2)
+    s = sched(f'metrics = "127.0.0.1:{port}"\n' + volume_toml(p, every="2s") + target_toml(d, keep_remote=2)).start()
+    s.wait_log(r"transfer of \S+ finished", count=2, timeout=30)
+    time.sleep(0.3)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    (row,) = status(s.cfg)
+    assert s.stop()[0] == 0
+    m = {}
+    for fam in text_string_to_metric_families(body):
+        for smp in fam.samples:
+            m[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    vt = (("target", d.uri), ("volume", str(p.vol)))
+    t = row["targets"][0]
+    assert m[("blockrep_bytes_sent_total", vt)] == t["bytes_sent_total"] > 0
+    assert m[("blockrep_transfer_failures_total", vt)] == t["failures_total"] == 0
+    assert abs(m[("blockrep_rpo_seconds", vt)] - t["rpo_seconds"]) <= 3
+    assert m[("blockrep_bytes_pending", vt)] == t["pending_bytes"]
+    assert m[("blockrep_last_success_timestamp_seconds", vt)] > time.time() - 60
+    assert m[("blockrep_snapshots", (("site", "dr"), *vt))] == 2
+    assert m[("blockrep_snapshots", (("site", "primary"), ("target", ""), ("volume", str(p.vol))))] == \
+        row["scheduled_snapshots"]
+    assert m[("blockrep_volume_used_bytes", (("volume", str(p.vol)),))] > 0
+    assert m[("blockrep_volume_live_bytes", (("volume", str(p.vol)),))] == 2 * MiB
+    states = {k[1][0][1]: v for k, v in m.items() if k[0] == "blockrep_transfer_state"}
+    assert sum(states.values()) == 1
+
+
+def test_systemd_notify_ready_watchdog_status_and_stopping(make_server, sched, tmp_path):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    path = tmp_path / "notify.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    rx.settimeout(0.2)
+    s = sched(volume_toml(p, every="2s") + target_toml(d),
+              env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"}).start()
+    got: list[str] = []
+    deadline = time.monotonic() + 6
+    while time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            got += rx.recv(4096).decode().splitlines()
+    assert s.stop()[0] == 0
+    with contextlib.suppress(TimeoutError):
+        while True:
+            got += rx.recv(4096).decode().splitlines()
+    rx.close()
+    assert "READY=1" in got
+    assert got.count("WATCHDOG=1") >= 8  # every 0.2 s
+    assert any(g.startswith("STATUS=") and "snapshot" in g for g in got)
+    assert "STOPPING=1" in got
