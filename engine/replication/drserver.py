@@ -495,7 +495,12 @@ class DRServer:
             said = f"{keep_request} snapshot(s)" if gfs_request is None else str(asked)
             if self.allow_remote_prune:
                 request = asked
-                note = "honoured" if asked.covers(own) else f"raised to the DR's own {own}"
+                if asked.covers(own):
+                    note = "honoured"
+                elif own.has_gfs() or asked.has_gfs():
+                    note = f"honoured together with the DR's own {own} (a request never keeps less)"
+                else:
+                    note = f"raised to the DR's own {own}"
             else:
                 note = "ignored (the DR runs without --allow-remote-prune)"
                 self.audit(f"ignored a request to keep {said}")
