@@ -170,10 +170,33 @@ def cmd_snapshot_delete(a) -> int:
     return 0
 
 
+def _gfs_args(a, prefix: str = "keep") -> dict | None:
+    """The --PREFIX-hourly … --PREFIX-monthly counts given (None if none); negative ones refused."""
+    from .replication.gfs import PERIODS
+    got = {p: getattr(a, f"{prefix}_{p}") for p in PERIODS}
+    for p, n in got.items():
+        if n is not None and n < 0:
+            raise InvalidArgument(f"--{prefix.replace('_', '-')}-{p} must be 0 or more")
+    return {p: n for p, n in got.items() if n is not None} or None
+
+
+def _add_gfs_args(parser, prefix: str, what: str) -> None:
+    from .replication.gfs import PERIODS
+    for p, unit in zip(PERIODS, ("hour", "day", "ISO week", "month"), strict=True):
+        parser.add_argument(f"--{prefix}-{p}", type=int, metavar="N",
+                            help=f"{what} the newest snapshot of each of the N most recent {unit}s that have one "
+                                 "(local time; GFS, as sanoid)")
+
+
 def cmd_snapshot_prune(a) -> int:
-    if a.keep < 0:
+    gfs = _gfs_args(a)
+    if a.keep is None and gfs is None:
+        raise InvalidArgument("say what to keep: --keep N and/or --keep-hourly/--keep-daily/--keep-weekly/"
+                              "--keep-monthly N")
+    if a.keep is not None and a.keep < 0:
         raise InvalidArgument("--keep must be 0 or more")
-    res = run_op(a.volume, "snapshot_prune", keep=a.keep, force=a.force)
+    args = {"keep": a.keep, "force": a.force} if gfs is None else {"keep": a.keep, "force": a.force, "gfs": gfs}
+    res = run_op(a.volume, "snapshot_prune", **args)
     for name in res["deleted"]:
         print(f"deleted {name}")
     for name, why in res["kept"].items():
@@ -208,7 +231,8 @@ def cmd_replicate(a) -> int:
         res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
                         rate=a.rate, full=a.full, force=a.force, wait=a.wait, freeze=a.freeze, pre=a.pre,
                         post=a.post, progress=sys.stderr.isatty() and not a.json,
-                        connections=a.connections, in_flight=a.in_flight)
+                        connections=a.connections, in_flight=a.in_flight,
+                        keep_remote_gfs=_gfs_args(a, "keep_remote"))
     except BlockrepError as e:
         if a.json:
             _print_json({**getattr(e, "details", {}), "target": a.to, "error": str(e)})
@@ -280,7 +304,7 @@ def cmd_status(a) -> int:
 def cmd_serve(a) -> int:
     uri = server.serve(a.volume, socket_path=a.socket, listen=a.listen, tls_psk=a.tls_psk,
                        foreground=a.foreground, keep=a.keep, allow_remote_prune=a.allow_remote_prune,
-                       keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age"))
+                       keep_min_age=parse_duration(a.keep_min_age, "--keep-min-age"), gfs=_gfs_args(a))
     print(uri)  # daemon mode (contract): the URI clients use; --foreground never gets here (exec)
     return 0
 
@@ -349,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as a DR: never prune a snapshot younger than this (s, m, h, d, w suffixes; a bare "
                         "number is seconds; default 1d), however many arrive; --keep N then keeps the newest N "
                         "older ones too")
+    _add_gfs_args(s, "keep", "as a DR: also keep")
     s.add_argument("--allow-remote-prune", action="store_true",
                    help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
 
@@ -368,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     d2.add_argument("name", metavar="NAME", help="the snapshot to delete")
     d2.add_argument("--force", action="store_true", help="also a snapshot replication still needs")
     p2 = _command(ssub, "prune", cmd_snapshot_prune, "delete all but the newest N snapshots")
-    p2.add_argument("--keep", type=int, required=True, metavar="N", help="how many of the newest snapshots to keep")
+    p2.add_argument("--keep", type=int, metavar="N", help="how many of the newest snapshots to keep")
+    _add_gfs_args(p2, "keep", "also keep")
     p2.add_argument("--force", action="store_true", help="also snapshots replication still needs")
 
     df = _command(sub, "diff", cmd_diff, "changed extents between two snapshots", json=True)
@@ -384,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="afterwards keep the newest N snapshots replicate took here (what replication needs stays)")
     rp.add_argument("--keep-remote", type=int, metavar="N",
                     help="ask the DR to keep its newest N (honoured only with its --allow-remote-prune)")
+    _add_gfs_args(rp, "keep-remote", "ask the DR to also keep")
     rp.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s",
                     help=f"at most this many bytes per second, {SIZES}, e.g. 10M (default: unlimited)")
     rp.add_argument("--full", action="store_true", help="send everything, not only the delta")

@@ -203,7 +203,8 @@ def client_uri(hp: tuple[str, int] | None, sock: Path, psk: Path | None) -> str:
 
 def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
                    tls_psk: Path | None, foreground: bool, keep: int | None = None,
-                   allow_remote_prune: bool = False, keep_min_age: int = 86400) -> list[str]:
+                   allow_remote_prune: bool = False, keep_min_age: int = 86400,
+                   gfs: dict | None = None) -> list[str]:
     cmd = [NBDKIT, "-P", str(pid_file(vol))]
     if foreground:
         cmd.append("-f")
@@ -218,6 +219,7 @@ def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
         cmd.append(f"tls_psk={tls_psk}")
     if keep is not None:
         cmd.append(f"keep={keep}")
+    cmd += [f"keep_{p}={n}" for p, n in (gfs or {}).items() if n]  # the DR's GFS counts
     if allow_remote_prune:
         cmd.append("allow_remote_prune=1")
     cmd.append(f"keep_min_age={keep_min_age}")
@@ -227,10 +229,11 @@ def nbdkit_command(vol: Path, sock: Path | None, listen: tuple[str, int] | None,
 def serve(vol_path: str, socket_path: str | None = None, listen: str | None = None,
           tls_psk: str | None = None, foreground: bool = False, timeout: float = 30.0,
           private: bool = False, keep: int | None = None, allow_remote_prune: bool = False,
-          keep_min_age: int = 86400) -> str:
+          keep_min_age: int = 86400, gfs: dict | None = None) -> str:
     """Start serving; returns the NBD URI clients use. Raises BlockrepError with one clear line.
     private: a child of this process that dies with it (nbdkit --exit-with-parent), for commands
-    that serve an unserved volume while they run (replicate, verify)."""
+    that serve an unserved volume while they run (replicate, verify). keep, gfs ({"hourly": H, …}),
+    keep_min_age, allow_remote_prune: the retention of a DR (docs/REPLICATION.md §4)."""
     vol = Path(vol_path).resolve()
     read_params(vol)  # NotFound / UnsupportedFormat before anything starts
     if not os.access(vol, os.R_OK | os.W_OK | os.X_OK):
@@ -260,7 +263,9 @@ def serve(vol_path: str, socket_path: str | None = None, listen: str | None = No
     uri = client_uri(hp, sock, psk)
     if keep is not None and keep < 1:
         raise InvalidArgument("--keep must be at least 1 (the newest snapshot is the next common base)")
-    cmd = nbdkit_command(vol, sock, hp, psk, foreground or private, keep, allow_remote_prune, keep_min_age)
+    from .replication.gfs import check_counts
+    gfs = check_counts(gfs)
+    cmd = nbdkit_command(vol, sock, hp, psk, foreground or private, keep, allow_remote_prune, keep_min_age, gfs)
     (vol / "serve.json").write_text(json.dumps({"uri": uri, "socket": None if hp else str(sock)}) + "\n")
     if foreground:
         os.execvpe(cmd[0], cmd, plugin_env())

@@ -119,6 +119,8 @@ class SourceSums(threading.Thread):
 class Run:
     """One replicate run (the lock is held by the caller)."""
 
+    keep_remote_gfs: dict | None = None  # GFS counts asked of a blockrep DR at commit (replicate())
+
     def __init__(self, vol: Path, to: str, *, rate, full, force, retries, progress, connections, in_flight,
                  wait=False, cancel: threading.Event | None = None):
         self.cancel = cancel
@@ -370,7 +372,8 @@ class Run:
         man["idx"], man["d"] = idx[keep], digs[keep]
         try:
             return self._retrying(lambda: (session.write_manifest(man.tobytes()),
-                                           session.commit(len(man), shift, keep_remote))[1], "commit")
+                                           session.commit(len(man), shift, keep_remote,
+                                                          self.keep_remote_gfs))[1], "commit")
         except TransferError as refused:
             if refused.transient:
                 raise
@@ -385,7 +388,8 @@ class Run:
                           rate=self.rate, connections=self.connections, in_flight=self.in_flight)
         sent["bytes_sent"] += st.bytes_sent
         try:
-            return self._retrying(lambda: session.commit(len(man), shift, keep_remote), "commit")
+            return self._retrying(lambda: session.commit(len(man), shift, keep_remote, self.keep_remote_gfs),
+                                  "commit")
         except TransferError:
             raise TransferError(f"replication of {snap['name']} to {self.to}: the DR copy of {len(bad)} chunk(s) "
                                 "differed and the DR still refused the commit after they were sent again; "
@@ -425,11 +429,15 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
               keep_remote: int | None = None, rate: float | None = None, full: bool = False,
               force: bool = False, wait: bool = False, freeze=None, pre=None, post=None,
               retries: int = 6, progress: bool = False, connections: int | None = None,
-              in_flight: int = 64, cancel: threading.Event | None = None) -> dict:
+              in_flight: int = 64, cancel: threading.Event | None = None,
+              keep_remote_gfs: dict | None = None) -> dict:
     """Run one replication; every outcome is recorded in VOL/replication.json. On failure the
-    raised error carries `.details` (snapshot, mode, base) for `--json`."""
+    raised error carries `.details` (snapshot, mode, base) for `--json`. keep_remote_gfs: GFS
+    counts asked of a blockrep DR at commit ({"hourly": H, …}, gfs.py), beside keep_remote."""
     vol = Path(volume).resolve()
     read_params(vol)
+    from .gfs import check_counts
+    keep_remote_gfs = check_counts(keep_remote_gfs, "keep-remote")  # refused before anything runs
     if not any(to.startswith(s) for s in ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")):
         raise InvalidArgument(f"invalid target {to!r}: use nbd://host[:port]/, nbds://… or nbd+unix:///?socket=PATH")
     if connections is None:  # one flow fills a link best (bench/README.md, replication (c))
@@ -438,6 +446,7 @@ def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int
     lock.acquire(wait=wait)
     run = Run(vol, to, rate=rate, full=full, force=force, retries=retries, progress=progress,
               connections=connections, in_flight=in_flight, wait=wait, cancel=cancel)
+    run.keep_remote_gfs = keep_remote_gfs
     started = state.now()
     try:
         res = run.run(snapshot, keep_local=keep_local, keep_remote=keep_remote, freeze=freeze, pre=pre, post=post)
