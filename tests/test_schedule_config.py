@@ -30,7 +30,7 @@ pre = ["echo pre"]
   rate = "10M"
   [[volume.target]]
   uri = "nbd+unix:///?socket=/run/dr2.sock"
-  ship = "newest"
+  ship = "all"
 """
 
 
@@ -50,8 +50,8 @@ def test_the_issue_example_reads_as_written(vol):
     assert job.gfs == {"daily": 7} and job.freeze == ("/mnt/vol1",) and job.pre == ("echo pre",)
     a, b = job.targets
     assert a.keep_remote == 7 and a.gfs == {"weekly": 4} and str(a.window) == "20:00-06:00"
-    assert a.rate == 10 << 20 and a.ship == "all"
-    assert b.window is None and b.rate is None and b.ship == "newest" and b.keep_remote is None
+    assert a.rate == 10 << 20 and a.ship == "newest"
+    assert b.window is None and b.rate is None and b.ship == "all" and b.keep_remote is None
 
 
 BAD = """

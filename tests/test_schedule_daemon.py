@@ -216,7 +216,7 @@ def test_a_snapshot_taken_while_the_window_is_closed_waits_for_the_opening(make_
     assert s.stop()[0] == 0
 
 
-def test_a_dr_down_for_several_cycles_is_caught_up_incrementally(make_server, sched):
+def test_a_dr_down_for_several_cycles_is_caught_up_once_incrementally(make_server, sched):
     p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
     text = 'retry_min = "1s"\nretry_max = "2s"\n' + volume_toml(p, every="2s", keep_local=1) + target_toml(d)
     s = sched(text).start()
@@ -229,18 +229,24 @@ def test_a_dr_down_for_several_cycles_is_caught_up_incrementally(make_server, sc
     s.wait_log(r"failed: ", timeout=20)
     (row,) = status(s.cfg)
     assert row["targets"][0]["state"] == "failing" and row["targets"][0]["last_error"]
-    pending_names = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"]
-    assert len(pending_names) >= 3  # kept although keep_local = 1: the DR has not received them
-    seen = s.count(r"finished \(")
+    outage = s.log().split("failed: ", 1)[1]
+    backlog = re.findall(r"snapshot (\S+) taken", outage)
+    assert len(backlog) >= 2
+    kept = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"]
+    assert set(backlog) <= set(kept)  # kept although keep_local = 1: the DR has not received them
+    mark = len(s.log())
     d.start()
-    s.wait_log(r"finished \(", count=seen + 3, timeout=60)
+    s.wait_log(r"finished \(", count=s.count(r"finished \(") + 1, timeout=60)
     assert s.stop()[0] == 0
-    after = s.log().split("failed: ", 1)[1]
-    assert "finished (seed)" not in after and "finished (incremental since" in after
-    newest = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"][-1]
-    assert newest in dr_names(d)
-    verify(p, newest, d)
-    assert len([x for x in snapshots(p.vol) if x.get("origin") == "replicate"]) == 1  # pruned once shipped
+    after = s.log()[mark:]
+    first = re.search(r"transfer of (\S+) finished \((\w+)", after)
+    assert first and first.group(2) == "incremental", after
+    shipped = re.findall(r"transfer of (\S+) started", after)
+    assert not set(shipped) & set(backlog[:-1]), (shipped, backlog)  # caught up once, not once per slot
+    newest = [x["name"] for x in snapshots(p.vol) if x.get("origin") == "replicate"]
+    assert first.group(1) in dr_names(d)
+    verify(p, first.group(1), d)
+    assert not set(newest) & set(backlog[:-1])  # the backlog was pruned once the DR caught up
 
 
 def test_sigterm_mid_transfer_exits_0_quickly_and_the_next_start_resumes(make_server, sched):
@@ -383,3 +389,14 @@ def test_systemd_notify_ready_watchdog_status_and_stopping(make_server, sched, t
     assert got.count("WATCHDOG=1") >= 8  # every 0.2 s
     assert any(g.startswith("STATUS=") and "snapshot" in g for g in got)
     assert "STOPPING=1" in got
+
+
+def test_a_second_daemon_on_the_same_volume_is_refused(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    text = volume_toml(p, every="1h") + target_toml(d)
+    s = sched(text).start()
+    r = subprocess.run([BLOCKREP, "schedule", "run", str(s.cfg)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.count("blockrep: error:") == 1 and "already scheduled" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert s.stop()[0] == 0

@@ -32,7 +32,7 @@ class Target:
     keep_remote_gfs: tuple[tuple[str, int], ...] = ()
     window: Window | None = None
     rate: int | None = None
-    ship: str = "all"
+    ship: str = "newest"
     connections: int | None = None
 
     @property
@@ -181,14 +181,14 @@ def _target(c: _Checker, t, where: str) -> Target | None:
         except InvalidArgument:
             c.err(f"{where}.rate", f"invalid rate {rtext!r}: bytes per second with K, M, G suffixes, e.g. 10M")
             rate = None
-    ship = t.get("ship", "all")
+    ship = t.get("ship", "newest")
     if ship not in ("all", "newest"):
         c.err(f"{where}.ship", f"must be \"all\" or \"newest\", not {ship!r}")
     fields = dict(keep_remote=c.int_(t, "keep_remote", where, None, 1), keep_remote_gfs=c.gfs(t, "keep_remote_", where),
                   connections=c.int_(t, "connections", where, None, 1))
     if uri is None:
         return None
-    return Target(uri=uri, window=window, rate=rate, ship=ship if ship in ("all", "newest") else "all", **fields)
+    return Target(uri=uri, window=window, rate=rate, ship=ship if ship in ("all", "newest") else "newest", **fields)
 
 
 def _volume(c: _Checker, v, where: str, check_volumes: bool) -> VolumeJob | None:

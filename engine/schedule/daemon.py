@@ -44,6 +44,7 @@ class Daemon:
         self.reload_asked = False
 
     def _start(self, job) -> None:
+        """Start a volume's workers; BlockrepError if another daemon schedules it."""
         w = VolumeWorker(job, self.shared)
         try:
             w.ensure_served()
@@ -77,7 +78,10 @@ class Daemon:
         self._stop_workers([self.workers.pop(j) for j in gone])
         started = [job for job in new.volumes if job not in self.workers]
         for job in started:
-            self._start(job)
+            try:
+                self._start(job)
+            except BlockrepError as e:
+                log.error("not scheduling %s: %s", job.path, e)
         if new.metrics != self.cfg.metrics:
             log.warning("metrics address changes need a restart; still serving the old one")
         self.cfg = new
@@ -102,8 +106,12 @@ class Daemon:
             except OSError as e:
                 raise BlockrepError(f"metrics address {self.cfg.metrics[0]}:{self.cfg.metrics[1]}: "
                                     f"{e.strerror or e}") from None
-        for job in self.cfg.volumes:
-            self._start(job)
+        try:
+            for job in self.cfg.volumes:
+                self._start(job)
+        except BlockrepError:
+            self._stop_workers(list(self.workers.values()))
+            raise
         log.info("started: %d volume(s), %d target(s)", len(self.cfg.volumes),
                  sum(len(j.targets) for j in self.cfg.volumes))
         self.notifier.send(READY=1, STATUS=f"running {len(self.cfg.volumes)} volume(s)")

@@ -24,7 +24,7 @@ from ..units import format_size
 from ..volume import read_params
 from . import calendar as cal
 from .config import Target, VolumeJob
-from .jobstate import JobState
+from .jobstate import JobState, ScheduleLock
 
 log = logging.getLogger("blockrep.schedule")
 IDLE_POLL = 30.0  # a target with nothing to do looks again this often (a snapshot also wakes it)
@@ -88,36 +88,45 @@ class TargetWorker(threading.Thread):
         return todo[0]["name"], False
 
     def run(self) -> None:
-        uri = self.target.uri
         while not self.stop_ev.is_set():
             try:
-                name, resuming = self.pending()
-            except BlockrepError as e:
-                self._failed(None, e)
-                continue
-            now = utcnow()
-            if name is None:
-                self.st.set_target(uri, state="idle", next_window=None, snapshot=None)
-                self._sleep(IDLE_POLL)
-                continue
-            w = self.target.window
-            if w is not None and not w.is_open(now):
-                opens = w.next_open(now)
-                state = "paused" if resuming else "waiting"
-                self.st.set_target(uri, state=state, snapshot=name, next_window=opens)
-                self._sleep((opens - now).total_seconds() + 0.05)
-                continue
-            if self.retry_at is not None and now < self.retry_at:
-                self._sleep((self.retry_at - now).total_seconds())
-                continue
-            if not self.shared.transfers.acquire(timeout=1.0):
+                self.step()
+            except Exception as e:  # noqa: BLE001 - a worker must never die silently
+                log.error("%s: internal error (%s: %s); retrying", self.label, type(e).__name__, e)
+                self._failed(None, BlockrepError(f"internal error: {type(e).__name__}: {e}"))
+
+    def step(self) -> None:
+        """One decision: ship, wait for the window or the backoff, or idle."""
+        uri = self.target.uri
+        try:
+            name, resuming = self.pending()
+        except BlockrepError as e:
+            self._failed(None, e)
+            return
+        now = utcnow()
+        if name is None:
+            self.st.set_target(uri, state="idle", next_window=None, snapshot=None)
+            self._sleep(IDLE_POLL)
+            return
+        w = self.target.window
+        if w is not None and not w.is_open(now):
+            opens = w.next_open(now)
+            state = "paused" if resuming else "waiting"
+            self.st.set_target(uri, state=state, snapshot=name, next_window=opens)
+            self._sleep((opens - now).total_seconds() + 0.05)
+            return
+        if self.retry_at is not None and now < self.retry_at:
+            self._sleep((self.retry_at - now).total_seconds())
+            return
+        if not self.shared.transfers.acquire(timeout=1.0):
+            if self.st.target(uri).get("state") != "queued":
                 self.st.set_target(uri, state="queued", snapshot=name)
-                continue
-            try:
-                if not self.stop_ev.is_set():
-                    self.ship(name, resuming)
-            finally:
-                self.shared.transfers.release()
+            return
+        try:
+            if not self.stop_ev.is_set():
+                self.ship(name, resuming)
+        finally:
+            self.shared.transfers.release()
 
     def ship(self, name: str, resuming: bool) -> None:
         uri, t = self.target.uri, self.target
@@ -222,6 +231,7 @@ class VolumeWorker(threading.Thread):
     def __init__(self, job: VolumeJob, shared: Shared):
         super().__init__(daemon=True, name=f"snap {job.path.name}")
         self.job, self.shared = job, shared
+        self.lock = ScheduleLock(job.path)  # BlockrepError if another daemon has it
         self.st = JobState(job.path)
         self.stop_ev = threading.Event()
         self.targets = [TargetWorker(job, t, self.st, shared) for t in job.targets]
@@ -242,7 +252,10 @@ class VolumeWorker(threading.Thread):
     def join_all(self, timeout: float) -> None:
         deadline = utcnow() + _dt.timedelta(seconds=timeout)
         for th in [self, *self.targets]:
-            th.join(max(0.0, (deadline - utcnow()).total_seconds()))
+            if th.is_alive() or th.ident is not None:
+                th.join(max(0.0, (deadline - utcnow()).total_seconds()))
+        if not any(th.is_alive() for th in [self, *self.targets]):
+            self.lock.release()
 
     def ensure_served(self) -> None:
         if not server.running_pid(self.job.path):
@@ -250,6 +263,15 @@ class VolumeWorker(threading.Thread):
             server.serve(str(self.job.path))
 
     def run(self) -> None:
+        while not self.stop_ev.is_set():
+            try:
+                self.loop()
+            except Exception as e:  # noqa: BLE001 - a worker must never die silently
+                log.error("%s: internal error (%s: %s); retrying in 10 s", self.job.path, type(e).__name__, e)
+                self.st.set(last_error=f"internal error: {type(e).__name__}: {e}")
+                self.stop_ev.wait(10)
+
+    def loop(self) -> None:
         job = self.job
         if self.st.last_slot is None:  # never ran: wait for the first slot, no catch-up of the past
             self.st.set(last_slot=cal.slot_at_or_before(job.start, job.every, utcnow()))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import json
 import os
 import threading
@@ -13,7 +14,31 @@ from ..errors import BlockrepError
 from .calendar import iso, parse_iso
 
 FILE = "schedule.json"
+LOCK = "schedule.lock"
 VERSION = 1
+
+
+class ScheduleLock:
+    """One daemon per volume: an flock of VOL/schedule.lock for the daemon's life (released by the
+    kernel when it dies). Two daemons on one volume would take two snapshots per slot and race
+    each other's pruning."""
+
+    def __init__(self, vol: Path):
+        self.fd = os.open(vol / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise BlockrepError(f"{vol} is already scheduled by another `blockrep schedule run` "
+                                f"(pid {holder})") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def load(vol: Path) -> dict:
