@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "older ones too")
     _add_gfs_args(s, "keep", "as a DR: also keep")
     s.add_argument("--allow-remote-prune", action="store_true",
-                   help="as a DR: honour a primary's --keep-remote (never below --keep); off by default")
+                   help="as a DR: honour a primary's --keep-remote/--keep-remote-daily … requests, which only add "
+                        "to what this DR's own --keep… rules keep; off by default")
 
     sn = sub.add_parser("snapshot", help="create, list, delete and prune snapshots",
                         description="create, list, delete and prune snapshots")

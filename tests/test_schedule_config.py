@@ -107,12 +107,20 @@ def test_check_prints_one_error_line_per_problem_and_exits_1(vol, tmp_path):
     ("", "no [[volume]]"),
     ("volume = 3\n", "must be an array of tables"),
     ('retry_min = "2h"\nretry_max = "1h"\n[[volume]]\npath = "{vol}"\nevery = "1m"\n', "retry_min"),
+    ('[[volume]]\npath = "{vol}"\nevery = "99999999999999999999d"\n', "from 1s to 366d"),
+    ('[[volume]]\npath = "{vol}"\nevery = "1h"\nstart = "0001-01-01T00:00:00"\n', "from 1970 to 9000"),
+    ('[[volume]]\npath = "{vol}"\nevery = "1h"\nstart = "9999-12-31T23:59:59"\n', "from 1970 to 9000"),
 ])
 def test_malformed_files(vol, tmp_path, text, needle):
     f = tmp_path / "c.toml"
     f.write_text(text.format(vol=vol))
     r = run_blockrep("schedule", "check", f)
     assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_toml_date_times_and_integer_seconds_are_accepted(vol):
+    cfg = C.parse(f'[[volume]]\npath = "{vol}"\nevery = 5400\nstart = 2026-03-15T21:53:00\n')
+    assert cfg.volumes[0].every == 5400 and cfg.volumes[0].start.isoformat() == "2026-03-15T21:53:00"
 
 
 def test_unreadable_file_is_one_line(tmp_path):

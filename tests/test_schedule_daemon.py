@@ -400,3 +400,148 @@ def test_a_second_daemon_on_the_same_volume_is_refused(make_server, sched):
     assert r.stderr.count("blockrep: error:") == 1 and "already scheduled" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert s.stop()[0] == 0
+
+
+# ------------------------------------------------------------------- the attacker's review (issue 9)
+
+def test_a_storm_of_sighups_then_sigterm_never_deadlocks(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    s = sched(volume_toml(p, every="1h") + target_toml(d)).start()
+    for _ in range(3):
+        for _ in range(100):
+            s.p.send_signal(signal.SIGHUP)
+        time.sleep(0.05)
+    s.wait_log("configuration reloaded", timeout=20)
+    rc, took = s.stop()
+    assert rc == 0 and took < 10, (rc, took)
+
+
+def test_a_password_in_the_target_uri_never_leaks(make_server, sched, tmp_path):
+    p = make_server("p")
+    secret = "s3cretpw"
+    target = f"nbd+unix://alice:{secret}@/?socket={tmp_path}/nowhere.sock"
+    text = ('retry_min = "1s"\nretry_max = "1s"\n' + volume_toml(p, every="2s")
+            + f'[[volume.target]]\nuri = "{target}"\n')
+    s = sched(text).start()
+    s.wait_log(r"failed: ", count=2, timeout=30)
+    outputs = [s.log(), run_blockrep("schedule", "status", s.cfg).stdout,
+               run_blockrep("schedule", "status", s.cfg, "--json").stdout,
+               run_blockrep("schedule", "check", s.cfg).stdout, (p.vol / "schedule.json").read_text()]
+    assert s.stop()[0] == 0
+    assert "alice@" in outputs[0]
+    for out in outputs:
+        assert secret not in out, out
+    assert (p.vol / "schedule.json").stat().st_mode & 0o077 == 0
+
+
+def test_a_transfer_that_gets_its_slot_after_the_window_closed_does_not_start(make_server, sched):
+    p1, p2 = make_server("p1"), make_server("p2")
+    d1, d2 = make_server("d1", serve_args=DR_ARGS), make_server("d2", serve_args=DR_ARGS)
+    write_random(p1, 16)
+    write_random(p2, 16)
+    window = f"{local_clock(-60)}-{local_clock(7)}"  # open now, closes in 7 s, for a day
+    start = soon(3)
+    text = ("max_transfers = 1\n" + volume_toml(p1, every="1h", start=start) + target_toml(d1, rate="2M", window=window)
+            + volume_toml(p2, every="1h", start=start) + target_toml(d2, rate="2M", window=window))
+    s = sched(text).start()
+    s.wait_log(r"paused \(window", timeout=30)
+    time.sleep(3)
+    log = s.log()
+    closed_at = log.index("paused (window")
+    assert "started" not in log[closed_at:] and "resumed" not in log[closed_at:], log[closed_at:]
+    assert [t["state"] for r in status(s.cfg) for t in r["targets"]].count("running") == 0
+    assert s.stop()[0] == 0
+
+
+def test_a_reload_while_a_pre_hook_runs_restarts_the_volume_once_the_hook_ends(make_server, sched, tmp_path):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    mark = tmp_path / "frozen"
+    hooks = f'pre = "touch {mark}; sleep 10"\npost = "rm -f {mark}"\n'
+    text = volume_toml(p, every="1h", start=soon(3)) + hooks + target_toml(d)
+    s = sched(text).start()
+    deadline = time.monotonic() + 20
+    while not mark.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    s.cfg.write_text(volume_toml(p, every="3s") + target_toml(d))  # changed while the hook runs
+    s.p.send_signal(signal.SIGHUP)
+    s.wait_log("configuration reloaded", timeout=20)
+    s.wait_log(r"scheduled$|: scheduled\n", timeout=30)
+    assert not mark.exists()  # the old worker's post ran before the new one started
+    n = s.count(r"snapshot \S+ taken")
+    s.wait_log(r"snapshot \S+ taken", count=n + 2, timeout=20)  # the new every = 3s runs
+    assert "already scheduled" not in s.log()
+    assert s.stop()[0] == 0
+
+
+def test_sigterm_while_a_pre_hook_runs_waits_for_the_post_hook(make_server, sched, tmp_path):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    mark = tmp_path / "frozen"
+    hooks = f'pre = "touch {mark}; sleep 12"\npost = "rm -f {mark}"\n'
+    s = sched(volume_toml(p, every="1h", start=soon(3)) + hooks + target_toml(d)).start()
+    deadline = time.monotonic() + 20
+    while not mark.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    rc, _ = s.stop()
+    assert rc == 0
+    assert not mark.exists(), "the daemon exited with the application still frozen"
+    assert "waiting for its freeze/pre/post hooks" in s.log()
+
+
+def test_one_hung_server_does_not_blank_the_status_of_the_others(make_server, sched):
+    p1, p2 = make_server("p1"), make_server("p2")
+    d = make_server("d", serve_args=DR_ARGS)
+    write(p2, 0x71, 0)
+    text = volume_toml(p1, every="1h") + target_toml(d) + volume_toml(p2, every="1h")
+    cfg = Path(sched(text).cfg)
+    os.kill(p1.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        r = run_blockrep("schedule", "status", cfg, "--json", timeout=30)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(p1.pid, signal.SIGCONT)
+    assert r.returncode == 0 and took < 8, (took, r.stderr)
+    a, b = json.loads(r.stdout)
+    assert a["error"] and b["error"] is None and b["live_bytes"] == MiB
+
+
+def test_a_last_slot_in_the_future_clock_went_back_does_not_stop_the_schedule(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (p.vol / "schedule.json").write_text(json.dumps({"version": 1, "last_slot": tomorrow, "targets": {}}))
+    s = sched(volume_toml(p, every="2s") + target_toml(d)).start()
+    s.wait_log(r"snapshot \S+ taken", count=2, timeout=20)
+    assert "the clock went back" in s.log()
+    assert s.stop()[0] == 0
+
+
+def test_status_does_not_trust_a_reused_pid(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    s = sched(volume_toml(p, every="1h") + target_toml(d)).start()
+    (row,) = status(s.cfg)
+    assert row["daemon"]["running"]
+    assert s.stop()[0] == 0
+    rec = json.loads((p.vol / "schedule.json").read_text())
+    (p.vol / "schedule.json").write_text(json.dumps({**rec, "pid": 1}))  # a live process, not ours
+    (row,) = status(s.cfg)
+    assert not row["daemon"]["running"] and row["targets"][0]["state"] == "stopped"
+
+
+def test_a_catch_up_is_named_after_when_it_was_taken_and_foreign_targets_are_named(make_server, sched):
+    p, d, d2 = make_server("p"), make_server("d", serve_args=DR_ARGS), make_server("d2", serve_args=DR_ARGS)
+    run_blockrep("replicate", p.vol, "--to", d2.uri, check=True)  # a target this schedule does not know
+    s = sched(volume_toml(p, every="2s") + target_toml(d)).start()
+    s.wait_log(r"snapshot \S+ taken", timeout=20)
+    assert s.stop()[0] == 0
+    assert "does not ship to" in s.log() and str(d2.sock) in s.log()
+    time.sleep(5)
+    restarted = dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
+    s2 = Sched(s.cfg).start()
+    try:
+        s2.wait_log(r"catching up a missed run", timeout=10)
+    finally:
+        s2.stop()
+    name = re.search(r"snapshot sched-(\S+) taken \(catching up", s2.log()).group(1)
+    assert dt.datetime.strptime(name, "%Y%m%dT%H%M%SZ") >= restarted - dt.timedelta(seconds=1)

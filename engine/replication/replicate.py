@@ -385,7 +385,8 @@ class Run:
         bad = C.positions_to_chunks(all_runs, pos)
         self.info["resent_chunks"] = len(bad)
         st = copy_extents(src, "@" + snap["name"], self.to, session.data_export, C.coalesce(bad, shift, size),
-                          rate=self.rate, connections=self.connections, in_flight=self.in_flight)
+                          rate=self.rate, connections=self.connections, in_flight=self.in_flight,
+                          cancel=self.cancel)
         sent["bytes_sent"] += st.bytes_sent
         try:
             return self._retrying(lambda: session.commit(len(man), shift, keep_remote, self.keep_remote_gfs),

@@ -11,6 +11,7 @@ from ..replication.uris import redact_uri
 from ..units import format_size
 from . import calendar as cal
 from . import config as C
+from .jobs import redact
 
 
 def _dr_retention(uri: str) -> str:
@@ -22,7 +23,7 @@ def _dr_retention(uri: str) -> str:
             return "not a blockrep DR: nothing prunes its history (keep_remote does not apply)"
         r = drclient.hello(uri).get("retention") or {}
     except BlockrepError as e:
-        return f"unknown now (target unreachable: {e})"
+        return f"unknown now (target unreachable: {redact(str(e), uri)})"
     own = f"its own serve --keep {r.get('keep')}" if r.get("keep") else "no retention of its own (serve --keep)"
     if r.get("allow_remote_prune"):
         return f"keep_remote applies (the DR allows remote pruning, never below {own})"

@@ -14,6 +14,8 @@ from ..units import parse_duration, parse_size
 from .calendar import ANCHOR, Window, parse_start
 
 GFS = ("hourly", "daily", "weekly", "monthly")
+MAX_DURATION = 366 * 86400  # every, retry_max: a year at most (and no calendar overflow)
+START_YEARS = (1970, 9000)
 URI_SCHEMES = ("nbd://", "nbds://", "nbd+unix://", "nbds+unix://")
 
 
@@ -108,17 +110,22 @@ class _Checker:
         return v
 
     def duration(self, t: dict, key: str, where: str, default: int | None, required: bool = False):
-        text = self.str_(t, key, where, required)
-        if text is None:
-            return default
-        try:
-            n = parse_duration(text, key)
-        except InvalidArgument:
-            self.err(f"{where}.{key}" if where else key,
-                     f"invalid duration {text!r}: a number with s, m, h, d or w, e.g. 1h")
-            return default
-        if n < 1:
-            self.err(f"{where}.{key}" if where else key, "must be at least 1s")
+        """A duration: "90m", "1h", or a bare integer of seconds; 1 s to MAX_DURATION."""
+        name = f"{where}.{key}" if where else key
+        v = t.get(key)
+        if isinstance(v, int) and not isinstance(v, bool):
+            n = v
+        else:
+            text = self.str_(t, key, where, required)
+            if text is None:
+                return default
+            try:
+                n = parse_duration(text, key)
+            except InvalidArgument:
+                self.err(name, f"invalid duration {text!r}: a number with s, m, h, d or w, e.g. 1h")
+                return default
+        if not 1 <= n <= MAX_DURATION:
+            self.err(name, f"must be from 1s to {MAX_DURATION // 86400}d, not {v!r}")
             return default
         return n
 
@@ -208,12 +215,19 @@ def _volume(c: _Checker, v, where: str, check_volumes: bool) -> VolumeJob | None
                 c.err(f"{where}.path", str(e))
     every = c.duration(v, "every", where, None, required=True)
     start = ANCHOR
-    stext = c.str_(v, "start", where)
-    if stext is not None:
-        try:
-            start = parse_start(stext)
-        except ValueError as e:
-            c.err(f"{where}.start", str(e))
+    raw_start = v.get("start")
+    if isinstance(raw_start, _dt.datetime):  # a TOML date-time, unquoted
+        start = raw_start
+    elif raw_start is not None:
+        stext = c.str_(v, "start", where)
+        if stext is not None:
+            try:
+                start = parse_start(stext)
+            except ValueError as e:
+                c.err(f"{where}.start", str(e))
+    if not START_YEARS[0] <= start.year <= START_YEARS[1]:
+        c.err(f"{where}.start", f"must be a date-time from {START_YEARS[0]} to {START_YEARS[1]}, not {start}")
+        start = ANCHOR
     raw_targets = v.get("target", [])
     if not isinstance(raw_targets, list):
         c.err(f"{where}.target", "must be an array of tables ([[volume.target]])")

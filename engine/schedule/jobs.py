@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 from .. import server
 from ..access import run_op
-from ..errors import BlockrepError, Paused
+from ..errors import AlreadyExists, BlockrepError, InvalidArgument, Paused
 from ..freeze import quiesced
 from ..replication import drclient
 from ..replication import state as repl_state
+from ..replication.plan import Conflict
 from ..replication.replicate import replicate
 from ..replication.retention import FLAG_REPLICATE
 from ..replication.uris import redact_uri
@@ -24,7 +25,7 @@ from ..units import format_size
 from ..volume import read_params
 from . import calendar as cal
 from .config import Target, VolumeJob
-from .jobstate import JobState, ScheduleLock
+from .jobstate import JobState
 
 log = logging.getLogger("blockrep.schedule")
 IDLE_POLL = 30.0  # a target with nothing to do looks again this often (a snapshot also wakes it)
@@ -32,6 +33,11 @@ IDLE_POLL = 30.0  # a target with nothing to do looks again this often (a snapsh
 
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
+
+
+def redact(text: str, uri: str) -> str:
+    """An error text with the target URI's password taken out (errors quote the URI)."""
+    return text.replace(uri, redact_uri(uri)) if uri != redact_uri(uri) else text
 
 
 def snapshot_name(slot: _dt.datetime) -> str:
@@ -57,6 +63,7 @@ class TargetWorker(threading.Thread):
         self.cancel: threading.Event | None = None
         self.failures = 0
         self.retry_at: _dt.datetime | None = None
+        self.shipping: str | None = None
         st.set_target(target.uri, state="idle", failures=0, next_attempt=None, next_window=None)
 
     def stop(self) -> None:
@@ -92,8 +99,9 @@ class TargetWorker(threading.Thread):
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - a worker must never die silently
-                log.error("%s: internal error (%s: %s); retrying", self.label, type(e).__name__, e)
-                self._failed(None, BlockrepError(f"internal error: {type(e).__name__}: {e}"))
+                self._failed(self.shipping, BlockrepError(f"{type(e).__name__}: {e}"))
+            finally:
+                self.shipping = None
 
     def step(self) -> None:
         """One decision: ship, wait for the window or the backoff, or idle."""
@@ -118,25 +126,30 @@ class TargetWorker(threading.Thread):
         if self.retry_at is not None and now < self.retry_at:
             self._sleep((self.retry_at - now).total_seconds())
             return
-        if not self.shared.transfers.acquire(timeout=1.0):
+        if not self.shared.transfers.acquire(timeout=2.0):
             if self.st.target(uri).get("state") != "queued":
                 self.st.set_target(uri, state="queued", snapshot=name)
             return
         try:
-            if not self.stop_ev.is_set():
+            # the window may have closed while this waited for a transfer slot
+            if not self.stop_ev.is_set() and (w is None or w.is_open(utcnow())):
                 self.ship(name, resuming)
         finally:
             self.shared.transfers.release()
 
     def ship(self, name: str, resuming: bool) -> None:
         uri, t = self.target.uri, self.target
+        self.shipping = name
         self.cancel = cancel = threading.Event()
         if self.stop_ev.is_set():
             cancel.set()
         closer = None
         why = "the scheduler is stopping"
         if t.window is not None:
-            closes = t.window.closes_at(utcnow())
+            now = utcnow()
+            if not t.window.is_open(now):
+                return
+            closes = t.window.closes_at(now)
             closer = threading.Timer(max(0.0, (closes - utcnow()).total_seconds()), cancel.set)
             closer.daemon = True
             closer.start()
@@ -196,14 +209,21 @@ class TargetWorker(threading.Thread):
         self.st.set_target(self.target.uri, dr_snapshots=n)
 
     def _failed(self, name: str | None, e: BlockrepError) -> None:
+        """Back off and say why. A refusal that a retry cannot fix (the target is the wrong
+        volume, bound to another primary, too small…) is state `refused`, retried at retry_max
+        (the operator may fix the target or the file meanwhile)."""
         self.failures += 1
-        delay = min(self.shared.retry_max, self.shared.retry_min * 2 ** (self.failures - 1))
+        refused = isinstance(e, (Conflict, InvalidArgument, AlreadyExists))
+        delay = self.shared.retry_max if refused else min(self.shared.retry_max,
+                                                          self.shared.retry_min * 2 ** (self.failures - 1))
         self.retry_at = utcnow() + _dt.timedelta(seconds=delay)
+        text = redact(str(e), self.target.uri)
         self.st.add(self.target.uri, "failures_total", 1)
-        self.st.set_target(self.target.uri, state="failing", failures=self.failures, last_error=str(e),
-                           next_attempt=self.retry_at)
+        self.st.set_target(self.target.uri, state="refused" if refused else "failing", failures=self.failures,
+                           last_error=text, next_attempt=self.retry_at)
         what = f"transfer of {name}" if name else "looking for work"
-        log.warning("%s: %s failed: %s; retry in %d s", self.label, what, e, delay)
+        log.warning("%s: %s %s: %s; retry in %d s", self.label, what, "refused" if refused else "failed",
+                    text, delay)
         self.shared.notify(f"{self.label}: failing")
         self._sleep(delay)
 
@@ -222,6 +242,13 @@ def prune_local(job: VolumeJob, st: JobState) -> None:
         return
     for name in res.get("deleted", []):
         log.info("%s: pruned %s", job.path, name)
+    kept = res.get("kept") or {}
+    note = "; ".join(f"{n}: {why}" for n, why in sorted(kept.items()))
+    if note != (st.data.get("kept_beyond") or ""):  # once per change, not at every slot
+        if kept:
+            log.warning("%s: keeping %d scheduled snapshot(s) beyond keep_local, replication needs them: %s",
+                        job.path, len(kept), note)
+        st.set(kept_beyond=note or None)
 
 
 class VolumeWorker(threading.Thread):
@@ -231,13 +258,13 @@ class VolumeWorker(threading.Thread):
     def __init__(self, job: VolumeJob, shared: Shared):
         super().__init__(daemon=True, name=f"snap {job.path.name}")
         self.job, self.shared = job, shared
-        self.lock = ScheduleLock(job.path)  # BlockrepError if another daemon has it
         self.st = JobState(job.path)
+        self.in_hooks = False  # inside quiesced(): a stop waits for the post/thaw hooks
         self.stop_ev = threading.Event()
         self.targets = [TargetWorker(job, t, self.st, shared) for t in job.targets]
-        for uri in list(self.st.data["targets"]):
-            if uri not in {t.uri for t in job.targets}:
-                del self.st.data["targets"][uri]
+        for key in list(self.st.data["targets"]):
+            if key not in {redact_uri(t.uri) for t in job.targets}:
+                del self.st.data["targets"][key]
 
     def begin(self) -> None:
         self.start()
@@ -249,15 +276,30 @@ class VolumeWorker(threading.Thread):
         for t in self.targets:
             t.stop()
 
+    def alive(self) -> bool:
+        return any(th.is_alive() for th in [self, *self.targets])
+
     def join_all(self, timeout: float) -> None:
         deadline = utcnow() + _dt.timedelta(seconds=timeout)
         for th in [self, *self.targets]:
-            if th.is_alive() or th.ident is not None:
+            if th.ident is not None:
                 th.join(max(0.0, (deadline - utcnow()).total_seconds()))
-        if not any(th.is_alive() for th in [self, *self.targets]):
-            self.lock.release()
+
+    def warn_foreign_targets(self) -> None:
+        """Targets in replication.json that this schedule does not ship to still protect their
+        base and the snapshots they lack from pruning (REPLICATION.md §6): say so, once."""
+        try:
+            known = repl_state.load(self.job.path)["targets"]
+        except BlockrepError:
+            return
+        mine = {t.uri for t in self.job.targets}
+        for uri in sorted(set(known) - mine):
+            log.warning("%s: replication.json also lists %s, which this schedule does not ship to; its base and "
+                        "the snapshots it lacks stay protected from pruning for 30 days "
+                        "(`blockrep status %s --forget URI` drops it)", self.job.path, redact_uri(uri), self.job.path)
 
     def ensure_served(self) -> None:
+        read_params(self.job.path)  # a volume that is gone: say that, not "starting its server"
         if not server.running_pid(self.job.path):
             log.info("%s: not served; starting its server", self.job.path)
             server.serve(str(self.job.path))
@@ -277,20 +319,31 @@ class VolumeWorker(threading.Thread):
             self.st.set(last_slot=cal.slot_at_or_before(job.start, job.every, utcnow()))
         while not self.stop_ev.is_set():
             now = utcnow()
-            slot = cal.due(job.start, job.every, self.st.last_slot, now)
-            if slot is not None:
+            last = self.st.last_slot
+            if last is not None and (last - now).total_seconds() > job.every:
+                log.warning("%s: the clock went back (the last slot run, %s, is in the future); "
+                            "the schedule continues from now", job.path, cal.iso(last))
+                self.st.set(last_slot=cal.slot_at_or_before(job.start, job.every, now))
                 last = self.st.last_slot
+            slot = cal.due(job.start, job.every, last, now)
+            if slot is not None:
                 self.take(slot, catch_up=last is not None and (slot - last).total_seconds() > job.every)
             nxt = cal.next_slot(job.start, job.every, utcnow())
             self.st.set(next_run=nxt)
             self.stop_ev.wait(max(0.0, (nxt - utcnow()).total_seconds()))
 
     def take(self, slot: _dt.datetime, catch_up: bool) -> None:
-        job, name = self.job, snapshot_name(slot)
+        # A catch-up is named after the time it is taken: it holds that moment's data, not the slot's
+        job, name = self.job, snapshot_name(utcnow() if catch_up else slot)
         try:
             self.ensure_served()
-            with quiesced(freeze=list(job.freeze) or None, pre=list(job.pre) or None, post=list(job.post) or None):
-                snap = run_op(job.path, "snapshot_create", name=name, tag=True)
+            self.in_hooks = True
+            try:
+                with quiesced(freeze=list(job.freeze) or None, pre=list(job.pre) or None,
+                              post=list(job.post) or None):
+                    snap = run_op(job.path, "snapshot_create", name=name, tag=True)
+            finally:
+                self.in_hooks = False
         except BlockrepError as e:
             log.warning("%s: snapshot for the slot %s failed: %s", job.path, cal.iso(slot), e)
             self.st.set(last_slot=slot, last_error=f"snapshot: {e}")

@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import fcntl
 import json
+import logging
 import os
 import threading
 from pathlib import Path
 
 from ..errors import BlockrepError
+from ..replication.uris import redact_uri
 from .calendar import iso, parse_iso
+
+log = logging.getLogger("blockrep.schedule")
 
 FILE = "schedule.json"
 LOCK = "schedule.lock"
@@ -34,6 +39,21 @@ class ScheduleLock:
                                 f"(pid {holder})") from None
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    @staticmethod
+    def held(vol: Path) -> bool:
+        """True while some daemon holds vol's lock (a pid in a file can be reused; a lock cannot)."""
+        try:
+            fd = os.open(vol / LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
 
     def release(self) -> None:
         if self.fd >= 0:
@@ -61,6 +81,7 @@ class JobState:
     def __init__(self, vol: Path):
         self.vol = vol
         self.lock = threading.Lock()
+        self.save_failed = False
         try:
             old = load(vol)
         except BlockrepError:
@@ -78,8 +99,9 @@ class JobState:
         return parse_iso(self.data.get("last_slot"))
 
     def target(self, uri: str) -> dict:
-        return self.data["targets"].setdefault(uri, {"state": "idle", "bytes_sent_total": 0, "failures_total": 0,
-                                                     "failures": 0})
+        """The record of a target, keyed by its URI without a password (this file is for status)."""
+        fresh = {"state": "idle", "bytes_sent_total": 0, "failures_total": 0, "failures": 0}
+        return self.data["targets"].setdefault(redact_uri(uri), fresh)
 
     def set(self, **fields) -> None:
         with self.lock:
@@ -107,11 +129,22 @@ class JobState:
         self.data["heartbeat"] = iso(_dt.datetime.now(_dt.UTC))
         tmp = self.vol / (FILE + ".tmp")
         try:
-            with open(tmp, "w") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            with open(fd, "w") as f:
                 json.dump(self.data, f, indent=2)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.vol / FILE)
-        except OSError:
-            pass  # a full disk must not stop the schedule; status is then stale (heartbeat says so)
+        except OSError as e:
+            # a full disk must not stop the schedule; status is stale meanwhile (its heartbeat says so)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if not self.save_failed:
+                log.warning("%s: cannot write %s (%s); status shows old figures until it can",
+                            self.vol, FILE, e.strerror or e)
+            self.save_failed = True
+            return
+        if self.save_failed:
+            log.info("%s: %s written again", self.vol, FILE)
+        self.save_failed = False

@@ -37,7 +37,12 @@ class ScheduleCollector(Collector):
         used = GaugeMetricFamily("blockrep_volume_used_bytes", "Bytes the volume takes on disk", labels=["volume"])
         live = GaugeMetricFamily("blockrep_volume_live_bytes", "Bytes of live data in the volume", labels=["volume"])
         cfg: Config = self.get_config()
-        for r in rows(cfg):
+        try:
+            found = rows(cfg)
+        except Exception as e:  # noqa: BLE001 - a scrape never prints a traceback into the log
+            log.error("metrics: could not read the status (%s: %s)", type(e).__name__, e)
+            found = []
+        for r in found:
             v = r["volume"]
             if r.get("used_bytes") is not None:
                 used.add_metric([v], r["used_bytes"])
