@@ -140,3 +140,20 @@ def test_check_json_gives_five_next_runs_and_says_which_dr_retention_applies(vol
     assert "unreachable" in v["targets"][0]["dr_retention"]
     text = run_blockrep("schedule", "check", f, check=True).stdout
     assert text.count("next run") == 5
+
+
+def test_rates_by_time_of_day(vol):
+    import datetime as dt
+    cfg = C.parse(f'[[volume]]\npath = "{vol}"\nevery = "1h"\n[[volume.target]]\nuri = "nbd://dr/"\nrate = "10M"\n'
+                  '[[volume.target.rates]]\nwindow = "08:00-18:00"\nrate = "1M"\n'
+                  '[[volume.target.rates]]\nwindow = "07:00-09:00"\nrate = "2M"\n')
+    t = cfg.volumes[0].targets[0]
+    day = dt.datetime(2026, 5, 4)
+    assert t.rate_at(day.replace(hour=8, minute=30).astimezone()) == 1 << 20  # the first open one wins
+    assert t.rate_at(day.replace(hour=7, minute=30).astimezone()) == 2 << 20
+    assert t.rate_at(day.replace(hour=20).astimezone()) == 10 << 20
+    with pytest.raises(C.ConfigError) as e:
+        C.parse(f'[[volume]]\npath = "{vol}"\nevery = "1h"\n[[volume.target]]\nuri = "nbd://dr/"\n'
+                '[[volume.target.rates]]\nwindow = "8-18"\nrate = "0"\nspeed = 1\n')
+    where = "volume[0].target[0].rates[0]"
+    assert sorted(x.split(":")[0] for x in e.value.errors) == [f"{where}.rate", f"{where}.speed", f"{where}.window"]

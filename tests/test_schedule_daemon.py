@@ -545,3 +545,23 @@ def test_a_catch_up_is_named_after_when_it_was_taken_and_foreign_targets_are_nam
         s2.stop()
     name = re.search(r"snapshot sched-(\S+) taken \(catching up", s2.log()).group(1)
     assert dt.datetime.strptime(name, "%Y%m%dT%H%M%SZ") >= restarted - dt.timedelta(seconds=1)
+
+
+def test_the_rate_follows_the_time_of_day_within_one_transfer(make_server, sched):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    write_random(p, 24)
+    slow = f"{local_clock(-60)}-{local_clock(7)}"  # 1 MiB/s until +7 s, then 16 MiB/s
+    text = (volume_toml(p, every="1h", start=soon(3)) + target_toml(d, rate="16M")
+            + f'[[volume.target.rates]]\nwindow = "{slow}"\nrate = "1M"\n')
+    s = sched(text).start()
+    s.wait_log(r"transfer of \S+ started", timeout=20)
+    a = dr_live(d)
+    time.sleep(2)
+    b = dr_live(d)
+    assert b - a <= 3 * MiB, (a, b)  # ~1 MiB/s while the slow rate is in force
+    (row,) = status(s.cfg)
+    assert row["targets"][0]["rate_now"] == MiB
+    s.wait_log(r"transfer of \S+ finished", timeout=30)  # 24 MiB at 1 MiB/s throughout would take 24 s
+    finished = re.search(r"finished \(seed\): \S+ \S+ sent in (\S+) s", s.log())
+    assert s.stop()[0] == 0
+    assert finished and float(finished.group(1)) < 16, s.log()

@@ -34,7 +34,8 @@ Notes on the design (nbdcopy's model, copy/multi-thread-copying.c, in one Python
   every PROGRESS_SECONDS while it grows and once at the end; the caller persists it so an
   interrupted run resumes without re-sending confirmed chunks.
 - A rate cap holds each write until the link time of its own bytes has passed (no initial
-  burst); the loop keeps polling meanwhile.
+  burst); the loop keeps polling meanwhile. The rate may be a function (the scheduler's rates by
+  time of day): when it changes, the writes still held are booked again from now.
 - A pause (`cancel`, a threading.Event: the window closed, the scheduler stops) starts nothing
   new, drops the writes the rate still holds, waits at most CANCEL_GRACE for the requests on the
   wire, flushes, reports the confirmed prefix through on_progress and raises Paused: the next run
@@ -84,23 +85,54 @@ _WHAT = ("read from the source", "read from the base snapshot", "write to the ta
          "write-zeroes to the target", "flush of the target")
 
 
+RateSpec = float | Callable[[], float | None] | None  # bytes/s, or asked at every write
+
+
 class RateLimiter:
     """Paces writes so that the bytes released by time T never exceed rate x T: each write waits
     until the link time of its own bytes has passed (no initial burst of a whole chunk, which on
     a slow link would saturate it for seconds)."""
 
-    def __init__(self, rate: float | None):
-        self.rate = rate
+    def __init__(self, rate: RateSpec):
+        # a callable is asked at every write: the scheduler's rates by time of day
+        self._rate_fn = rate if callable(rate) else None
+        self._rate = None if callable(rate) else rate
         self.lock = threading.Lock()
         self.next = time.monotonic()
+        self.booked_rate: float | None = None  # the rate the last booking used
+
+    @property
+    def rate(self) -> float | None:
+        return self._rate_fn() if self._rate_fn is not None else self._rate
+
+    @property
+    def dynamic(self) -> bool:
+        return self._rate_fn is not None
 
     def reserve(self, n: int) -> float:
         """Book n bytes on the link; returns the monotonic time at which they may be sent."""
-        if not self.rate:
+        rate = self.rate
+        self.booked_rate = rate
+        if not rate:
             return 0.0
         with self.lock:
-            self.next = max(time.monotonic(), self.next) + n / self.rate
+            self.next = max(time.monotonic(), self.next) + n / rate
             return self.next
+
+    def rebook(self, sizes: list[int]) -> list[float] | None:
+        """When the rate changed since the last booking (a time-of-day rate), book again from
+        now the writes still held back; None when it did not change."""
+        rate = self.rate
+        if rate == self.booked_rate:
+            return None
+        self.booked_rate = rate
+        with self.lock:
+            self.next = time.monotonic()
+            out = []
+            for n in sizes:
+                self.next += n / rate if rate else 0.0
+                out.append(self.next if rate else 0.0)
+            return out
 
     def take(self, n: int) -> None:
         """reserve(n), then sleep until then."""
@@ -232,7 +264,7 @@ class _Copy:
     """One copy_extents call: the lanes, the plan being consumed, the chunks in flight."""
 
     def __init__(self, source_uri: str, source_export: str | None, target_uri: str, target_export: str | None,
-                 base_export: str | None, connections: int, in_flight: int, rate: float | None,
+                 base_export: str | None, connections: int, in_flight: int, rate: RateSpec,
                  on_progress: Callable[[Stats, int], None] | None) -> None:
         self.source = (source_uri, source_export)
         self.target = (target_uri, target_export)
@@ -323,8 +355,8 @@ class _Copy:
     def send(self, c: _Chunk, view: memoryview, off: int) -> None:
         if self.stopping:  # pausing: this chunk is never finished, the next run sends it
             return
-        if self.limiter.rate:
-            at = self.limiter.reserve(len(view))
+        at = self.limiter.reserve(len(view))
+        if at:
             if at > time.monotonic() or self.held:
                 self.held.append((at, c, view, off))
                 return
@@ -333,6 +365,10 @@ class _Copy:
 
     def release_held(self, now: float) -> None:
         """Send the writes the rate held back whose time has come."""
+        if self.held and self.limiter.dynamic:
+            times = self.limiter.rebook([len(h[2]) for h in self.held])
+            if times is not None:
+                self.held = deque((t, c, v, o) for t, (_, c, v, o) in zip(times, self.held, strict=True))
         held = self.held
         while held and held[0][0] <= now:
             _, c, view, off = held.popleft()
@@ -515,7 +551,7 @@ class _Copy:
 
 def copy_extents(source_uri: str, source_export: str, target_uri: str, target_export: str | None,
                  extents: list[tuple[int, int]], *, base_export: str | None = None, connections: int = 4,
-                 in_flight: int = 64, rate: float | None = None, resume_from: int = 0,
+                 in_flight: int = 64, rate: RateSpec = None, resume_from: int = 0,
                  on_progress: Callable[[Stats, int], None] | None = None,
                  cancel: threading.Event | None = None) -> Stats:
     """Copy `extents` of the source export to the same offsets of the target; returns Stats.

@@ -37,7 +37,7 @@ from ..volume import read_params
 from . import checksums as C
 from . import drclient, plan, state
 from . import protocol as P
-from .copy import copy_extents
+from .copy import RateSpec, copy_extents
 from .nbdio import TransferError, connection, pread
 
 FINGERPRINT_CHUNKS = 8
@@ -427,7 +427,7 @@ class Run:
 
 
 def replicate(volume: str, to: str, snapshot: str | None = None, keep_local: int | None = None,
-              keep_remote: int | None = None, rate: float | None = None, full: bool = False,
+              keep_remote: int | None = None, rate: RateSpec = None, full: bool = False,
               force: bool = False, wait: bool = False, freeze=None, pre=None, post=None,
               retries: int = 6, progress: bool = False, connections: int | None = None,
               in_flight: int = 64, cancel: threading.Event | None = None,

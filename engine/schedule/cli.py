@@ -39,7 +39,8 @@ def cmd_check(a) -> int:
     for job in cfg.volumes:
         runs = [cal.iso(t) for t in cal.next_slots(job.start, job.every, now, 5)]
         tg = [{"target": redact_uri(t.uri), "window": str(t.window) if t.window else None,
-               "rate": t.rate, "keep_remote": t.keep_remote, "ship": t.ship,
+               "rate": t.rate, "rates": [{"window": str(w), "rate": r} for w, r in t.rates],
+               "keep_remote": t.keep_remote, "ship": t.ship,
                "dr_retention": _dr_retention(t.uri) if not a.offline else None} for t in job.targets]
         vols.append({"volume": str(job.path), "every": job.every, "keep_local": job.keep_local,
                                "gfs": job.gfs, "next_runs": runs, "targets": tg})
@@ -55,7 +56,9 @@ def cmd_check(a) -> int:
             print(f"  next run {at.astimezone().isoformat(timespec='seconds') if at else r}")
         for t in v["targets"]:
             extra = ", ".join(x for x in (f"window {t['window']}" if t["window"] else "",
-                                          f"rate {format_size(t['rate'])}/s" if t["rate"] else "") if x)
+                                          f"rate {format_size(t['rate'])}/s" if t["rate"] else "",
+                                          *(f"{format_size(r['rate'])}/s during {r['window']}" for r in t["rates"]))
+                              if x)
             print(f"  target {t['target']}" + (f" ({extra})" if extra else ""))
             if t["dr_retention"]:
                 print(f"    DR retention: {t['dr_retention']}")

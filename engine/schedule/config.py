@@ -36,10 +36,18 @@ class Target:
     rate: int | None = None
     ship: str = "newest"
     connections: int | None = None
+    rates: tuple[tuple[Window, int], ...] = ()  # by time of day: the first window that is open wins
 
     @property
     def gfs(self) -> dict[str, int] | None:
         return dict(self.keep_remote_gfs) or None
+
+    def rate_at(self, now: _dt.datetime) -> int | None:
+        """The cap in force at `now`: the first of `rates` whose window is open, else `rate`."""
+        for w, r in self.rates:
+            if w.is_open(now):
+                return r
+        return self.rate
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ class _Checker:
 
 _TOP = {"metrics", "max_transfers", "retry_min", "retry_max", "volume"}
 _VOLUME = {"path", "every", "start", "keep_local", "freeze", "pre", "post", "target"} | {f"keep_{g}" for g in GFS}
-_TARGET = {"uri", "keep_remote", "window", "rate", "ship", "connections"} | {f"keep_remote_{g}" for g in GFS}
+_TARGET = {"uri", "keep_remote", "window", "rate", "rates", "ship", "connections"} | {f"keep_remote_{g}" for g in GFS}
 
 
 def _listen(c: _Checker, text: str | None) -> tuple[str, int] | None:
@@ -161,6 +169,20 @@ def _listen(c: _Checker, text: str | None) -> tuple[str, int] | None:
         c.err("metrics", f"invalid address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9813")
         return None
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _rate(c: _Checker, value, where: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        rate = parse_size(str(value), "rate")
+        if rate < 1:
+            raise InvalidArgument("zero")
+    except InvalidArgument:
+        c.err(where, f"invalid rate {value!r}: bytes per second with K, M, G suffixes, e.g. 10M "
+                     "(no transfer at all: use window)")
+        return None
+    return rate
 
 
 def _target(c: _Checker, t, where: str) -> Target | None:
@@ -178,16 +200,31 @@ def _target(c: _Checker, t, where: str) -> Target | None:
             window = Window.parse(wtext)
         except ValueError as e:
             c.err(f"{where}.window", str(e))
-    rate = None
-    rtext = t.get("rate")
-    if rtext is not None:
+    rate = _rate(c, t.get("rate"), f"{where}.rate")
+    rates = []
+    raw_rates = t.get("rates", [])
+    if not isinstance(raw_rates, list):
+        c.err(f"{where}.rates", "must be an array of tables ([[volume.target.rates]] window = …, rate = …)")
+        raw_rates = []
+    for k, rt in enumerate(raw_rates):
+        rw = f"{where}.rates[{k}]"
+        if not isinstance(rt, dict):
+            c.err(rw, "must be a table with window and rate")
+            continue
+        c.unknown(rt, {"window", "rate"}, rw)
+        text = c.str_(rt, "window", rw, required=True)
+        r = _rate(c, rt.get("rate"), f"{rw}.rate")
+        if rt.get("rate") is None:
+            c.err(f"{rw}.rate", "required")
+        if text is None:
+            continue
         try:
-            rate = parse_size(str(rtext), "rate")
-            if rate < 1:
-                raise InvalidArgument("zero")
-        except InvalidArgument:
-            c.err(f"{where}.rate", f"invalid rate {rtext!r}: bytes per second with K, M, G suffixes, e.g. 10M")
-            rate = None
+            rw_window = Window.parse(text)
+        except ValueError as e:
+            c.err(f"{rw}.window", str(e))
+            continue
+        if r is not None:
+            rates.append((rw_window, r))
     ship = t.get("ship", "newest")
     if ship not in ("all", "newest"):
         c.err(f"{where}.ship", f"must be \"all\" or \"newest\", not {ship!r}")
@@ -195,7 +232,8 @@ def _target(c: _Checker, t, where: str) -> Target | None:
                   connections=c.int_(t, "connections", where, None, 1))
     if uri is None:
         return None
-    return Target(uri=uri, window=window, rate=rate, ship=ship if ship in ("all", "newest") else "newest", **fields)
+    return Target(uri=uri, window=window, rate=rate, rates=tuple(rates),
+                  ship=ship if ship in ("all", "newest") else "newest", **fields)
 
 
 def _volume(c: _Checker, v, where: str, check_volumes: bool) -> VolumeJob | None:

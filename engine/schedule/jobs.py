@@ -166,7 +166,8 @@ class TargetWorker(threading.Thread):
         if t.gfs:
             kwargs["keep_remote_gfs"] = t.gfs
         try:
-            res = replicate(str(self.job.path), uri, snapshot=name, keep_remote=t.keep_remote, rate=t.rate,
+            rate = (lambda: t.rate_at(utcnow())) if t.rates else t.rate
+            res = replicate(str(self.job.path), uri, snapshot=name, keep_remote=t.keep_remote, rate=rate,
                             retries=1, connections=t.connections, cancel=cancel, **kwargs)
         except Paused as e:
             self.st.add(uri, "bytes_sent_total", int(getattr(e, "bytes_sent", 0) or 0))

@@ -61,6 +61,7 @@ def _targets(job: VolumeJob, rec: dict, running: bool, v: _Volume, snaps: list[d
             "last_success": ok.get("at"), "last_error": d.get("last_error"),
             "next_attempt": d.get("next_attempt"), "next_window": d.get("next_window"),
             "window": str(t.window) if t.window else None, "shipping": d.get("snapshot"),
+            "rate_now": t.rate_at(now),
             "bytes_sent_total": int(d.get("bytes_sent_total") or 0),
             "failures_total": int(d.get("failures_total") or 0),
             "dr_snapshots": d.get("dr_snapshots"),
