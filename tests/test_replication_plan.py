@@ -31,6 +31,19 @@ def hello(held=(), bound=ME, has_data=True, volume=DRV, transfer=None):
 
 # ------------------------------------------------------------------ plan for a blockrep DR
 
+def test_an_interrupted_seed_the_dr_still_holds_resumes_as_a_seed_not_a_rebase():
+    s = snaps("a", "b")
+    prog = {"mode": "seed", "snapshot_uuid": s[1]["uuid"], "done_upto": 4096}
+    held = hello(held=[], transfer={"snapshot": s[1]["uuid"], "live": False})
+    assert plan.for_blockrep(s, s[1], ME, held, progress=prog).mode == "seed"
+    # anything else that left data there is compared by digests
+    assert plan.for_blockrep(s, s[1], ME, held).mode == "rebase"
+    assert plan.for_blockrep(s, s[1], ME, hello(held=[]), progress=prog).mode == "rebase"
+    other = hello(held=[], transfer={"snapshot": s[0]["uuid"], "live": False})
+    assert plan.for_blockrep(s, s[1], ME, other, progress=prog).mode == "rebase"
+    assert plan.for_blockrep(s, s[1], ME, held, progress={**prog, "mode": "rebase"}).mode == "rebase"
+
+
 def test_newest_common_uuid_is_the_base():
     s = snaps("a", "b", "c", "d")
     p = plan.for_blockrep(s, s[3], ME, hello(held=s[:2]))

@@ -58,8 +58,9 @@ def check_target(own_volume: str, dr: dict, *, force: bool = False) -> None:
 
 
 def for_blockrep(snapshots: list[dict], snapshot: dict, own_volume: str, dr: dict, *,
-                 full: bool = False, force: bool = False) -> Plan:
-    """The plan for a blockrep DR described by its !hello reply."""
+                 full: bool = False, force: bool = False, progress: dict | None = None) -> Plan:
+    """The plan for a blockrep DR described by its !hello reply. progress: this primary's
+    record of an interrupted run to it (replication.json in_progress), if any."""
     check_target(own_volume, dr, force=force)
     dr_snaps = dr.get("snapshots") or []
     held = {s["uuid"] for s in dr_snaps}
@@ -77,6 +78,13 @@ def for_blockrep(snapshots: list[dict], snapshot: dict, own_volume: str, dr: dic
     if base is not None:
         return Plan("incremental", base)
     if dr.get("has_data"):
+        # An interrupted seed of this very snapshot, whose transfer the DR still holds: resume the
+        # seed after its confirmed prefix (a rebase would read both whole volumes for digests at
+        # every resume: each night of a multi-night seed paused by its window).
+        t = dr.get("transfer") or {}
+        if (progress and progress.get("mode") == "seed" and progress.get("snapshot_uuid") == snapshot["uuid"]
+                and bound == own_volume and t.get("snapshot") == snapshot["uuid"]):
+            return Plan("seed", note="resuming the interrupted seed")
         return Plan("rebase", note="no common snapshot: compare digests and send what differs")
     return Plan("seed")
 

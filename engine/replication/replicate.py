@@ -228,7 +228,8 @@ class Run:
         self.info.update(snapshot=snap["name"], mode=None, base=None)
         record = state.target(vol, self.to)
         if dr is not None:
-            p = plan.for_blockrep(snaps, snap, self.params.uuid, dr, full=self.full, force=self.force)
+            p = plan.for_blockrep(snaps, snap, self.params.uuid, dr, full=self.full, force=self.force,
+                                  progress=record.get("in_progress"))
         else:
             if not self.force and self.looks_like_our_head(src, snap):
                 raise plan.Conflict(f"the target {self.to} reads like this volume's own live export (a proxy "
