@@ -4,7 +4,8 @@
 #   bench/run.sh                 fio comparison with default options, then pytest-benchmark
 #   bench/run.sh --quick         extra arguments go to bench/fio_compare.py
 #
-# Results land in bench/results/ (fio-<timestamp>.md, pytest-bench-<timestamp>.json).
+# Results land in bench/results/ (fio-<timestamp>.md, replication-<timestamp>.md,
+# schedule-<timestamp>.md, pytest-bench-<timestamp>.json).
 # Exit status: non-zero if either part failed.
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -17,6 +18,7 @@ status=0
 
 if [ -x .venv/bin/python ]; then
     .venv/bin/python bench/replication_bench.py || status=$?
+    .venv/bin/python bench/schedule_bench.py || status=$?
 fi
 
 if ls bench/test_bench_*.py >/dev/null 2>&1; then
