@@ -566,3 +566,21 @@ def test_the_rate_follows_the_time_of_day_within_one_transfer(make_server, sched
     finished = re.search(r"finished \(seed\): \S+ \S+ sent in (\S+) s", s.log())
     assert s.stop()[0] == 0
     assert finished and float(finished.group(1)) < 16, s.log()
+
+
+def test_a_down_target_is_retried_while_the_other_target_goes_on(make_server, sched, tmp_path):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    gone = f"nbd+unix:///?socket={tmp_path}/down.sock"
+    text = ('retry_min = "1s"\nretry_max = "4s"\n' + volume_toml(p, every="2s")
+            + target_toml(d) + f'[[volume.target]]\nuri = "{gone}"\n')
+    s = sched(text).start()
+    s.wait_log(rf"-> {re.escape(d.uri)}: transfer of \S+ finished", count=4, timeout=30)
+    rows = {t["target"]: t for t in status(s.cfg)[0]["targets"]}
+    assert s.stop()[0] == 0
+    assert s.count(rf"-> {re.escape(gone)}: transfer of \S+ failed") >= 2
+    assert rows[gone]["state"] == "failing" and rows[gone]["failures_total"] >= 2
+    assert rows[d.uri]["state"] in ("idle", "running") and rows[d.uri]["rpo_seconds"] <= 6
+    fails = [dt.datetime.strptime(x, "%Y-%m-%dT%H:%M:%S%z") for x in
+             re.findall(rf"(\S+) blockrep-schedule: \S+ -> {re.escape(gone)}: transfer of \S+ failed", s.log())]
+    gaps = [(b - a).total_seconds() for a, b in zip(fails, fails[1:], strict=False)]
+    assert gaps == sorted(gaps) or max(gaps) <= 5, gaps  # backoff: 1, 2, 4, 4 … seconds
