@@ -253,6 +253,36 @@ def cmd_replicate(a) -> int:
     return 0
 
 
+def _print_backseed(res: dict, what: str) -> None:
+    print(f"{what}: {format_size(res['bytes_sent'])} written ({res['mode']}, {res['extents']} extent(s)), "
+          f"{res['seconds']} s; the previous live data is snapshot {res['safety_snapshot']} "
+          f"(`blockrep snapshot rollback VOL {res['safety_snapshot']}` undoes this)")
+
+
+def cmd_restore(a) -> int:
+    from .replication.backseed import restore
+    if a.snapshot:
+        validate_snapshot_name(a.snapshot)
+    res = restore(a.volume, a.source, a.snapshot, yes=a.yes, force=a.force, rate=a.rate,
+                  progress=sys.stderr.isatty() and not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        _print_backseed(res, f"restored {a.volume} from {res['snapshot']}")
+    return 0
+
+
+def cmd_snapshot_rollback(a) -> int:
+    from .replication.backseed import rollback
+    validate_snapshot_name(a.name)
+    res = rollback(a.volume, a.name, yes=a.yes, force=a.force, progress=sys.stderr.isatty() and not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        _print_backseed(res, f"rolled {a.volume} back to {a.name}")
+    return 0
+
+
 def cmd_verify(a) -> int:
     from .replication.verify import verify
     validate_snapshot_name(a.snapshot)
@@ -401,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p2.add_argument("--keep", type=int, metavar="N", help="how many of the newest snapshots to keep")
     _add_gfs_args(p2, "keep", "also keep")
     p2.add_argument("--force", action="store_true", help="also snapshots replication still needs")
+    rb = _command(ssub, "rollback", cmd_snapshot_rollback,
+                  "make the live volume snapshot NAME again (a safety snapshot of it is taken first)", json=True)
+    rb.add_argument("name", metavar="NAME", help="the snapshot the live volume becomes")
+    rb.add_argument("--yes", action="store_true", help="do not ask (required without a terminal)")
+    rb.add_argument("--force", action="store_true",
+                    help="even while other clients have the live export open (they see the data change)")
 
     df = _command(sub, "diff", cmd_diff, "changed extents between two snapshots", json=True)
     df.add_argument("from", metavar="FROM", help="the older snapshot")
@@ -430,6 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "on a 100 Mbit/s link; one without multi-conn always gets 1)")
     rp.add_argument("--in-flight", type=int, default=64, metavar="N",
                     help="requests in flight per connection (default 64)")
+
+    rs = _command(sub, "restore", cmd_restore,
+                  "back seed: rebuild the live volume from a DR snapshot, writing only what differs", json=True)
+    rs.add_argument("--from", dest="source", required=True, metavar="URI",
+                    help="the blockrep DR server (nbd://, nbds://, nbd+unix:// URI of its live export)")
+    rs.add_argument("--snapshot", metavar="NAME", help="the DR snapshot to restore (default: its newest)")
+    rs.add_argument("--yes", action="store_true", help="do not ask (required without a terminal)")
+    rs.add_argument("--force", action="store_true",
+                    help="even with other clients connected, or from a DR snapshot of another volume")
+    rs.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s",
+                    help="cap in bytes per second, K/M/G suffixes (powers of 1024), e.g. 10M")
 
     vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)
     vf.add_argument("snapshot", metavar="SNAP", help="the local snapshot to compare")

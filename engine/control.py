@@ -23,6 +23,7 @@ import os
 import socket
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from . import ops
@@ -39,9 +40,12 @@ def socket_path(vol: Path) -> Path:
 
 
 class ControlServer:
-    def __init__(self, vol, path: Path):
+    def __init__(self, vol, path: Path, extra: dict | None = None):
+        """extra: commands of the server beside ops.COMMANDS (name -> function of its args only),
+        e.g. the DR server's hold on the live export."""
         self.vol = vol
         self.path = path
+        self.extra = dict(extra or {})
         self.sock: socket.socket | None = None
         self.thread: threading.Thread | None = None
         self._run_lock = threading.Lock()  # one command at a time
@@ -131,7 +135,8 @@ class ControlServer:
             return  # a connect-and-close probe
         try:
             req = json.loads(data)
-            fn = ops.COMMANDS[req["cmd"]]
+            name = req["cmd"]
+            fn = self.extra[name] if name in self.extra else partial(ops.COMMANDS[name], self.vol)
             args = req.get("args") or {}
             if not isinstance(args, dict):
                 raise TypeError("args must be an object")
@@ -148,7 +153,7 @@ class ControlServer:
 
     def _run(self, fn, args: dict) -> dict:
         try:
-            return {"ok": True, "result": fn(self.vol, **args)}
+            return {"ok": True, "result": fn(**args)}
         except CorruptionError as e:
             return {"ok": False, "error": str(e), "errno": _errno.EBADMSG}
         except BlockrepError as e:

@@ -17,10 +17,11 @@ from .replication.gfs import check_counts
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
-def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False) -> dict:
-    """tag: made by `replicate` (retention may prune it with --keep-local)."""
+def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False, uuid: str | None = None) -> dict:
+    """tag: made by `replicate` (retention may prune it with --keep-local); uuid: an identity to
+    carry (restore gives the head the identity of the DR snapshot it now equals)."""
     return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name),
-                               flags=retention.FLAG_REPLICATE if tag else 0)
+                               flags=retention.FLAG_REPLICATE if tag else 0, uuid=uuid)
 
 
 def _origin(s: dict) -> str:

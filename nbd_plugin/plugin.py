@@ -145,7 +145,8 @@ def after_fork():
     global _worker, _control
     _worker = threading.Thread(target=_maintain, name="blockrep-maintain", daemon=True)
     _worker.start()
-    _control = ControlServer(_vol, socket_path(_vol.path))
+    _control = ControlServer(_vol, socket_path(_vol.path),
+                             extra={"head_exclusive": _dr.head_exclusive, "head_release": _dr.head_release})
     _control.start()
 
 

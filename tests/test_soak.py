@@ -1,5 +1,6 @@
 """R19 soak: the real product under a mixed workload with snapshots, the collector, replication,
-kills and link faults, for BLOCKREP_SOAK_SECONDS (default 300; `make soak DURATION=3600`).
+kills and link faults, for BLOCKREP_SOAK_SECONDS (default 150 in `make test`; `make soak` runs 300,
+`make soak DURATION=3600` an hour).
 
     primary (16 MiB, 1 MiB segments, `blockrep serve`)  ──`blockrep replicate --to`──►  DR (a second
          ▲ libnbd: writes of every size (unaligned too),                              `blockrep serve`,
@@ -60,7 +61,7 @@ from replhelp import KiB, MiB, connected, nbd_exports, uri
 
 from engine.volume import disk_usage
 
-SOAK_SECONDS = float(os.environ.get("BLOCKREP_SOAK_SECONDS", "300"))
+SOAK_SECONDS = float(os.environ.get("BLOCKREP_SOAK_SECONDS", "150"))
 SEED = int(os.environ.get("BLOCKREP_SOAK_SEED", "19190"))
 SIZE = 16 * MiB
 BS = 4096

@@ -71,10 +71,14 @@ class Handle:
 
 
 class Head(Handle):
-    def __init__(self, vol: Volume, writable: bool, owner: DRServer):
-        self.size, self.writable, self.owner = vol.size, writable, owner
+    def __init__(self, vol: Volume, writable: bool, owner: DRServer, own: bool = False):
+        self.size, self.writable, self.owner, self.own = vol.size, writable, owner, own
+        with owner.heads_lock:  # every open of the live export: restore refuses while others have one
+            owner.heads[own] += 1
 
     def close(self) -> None:
+        with self.owner.heads_lock:
+            self.owner.heads[self.own] -= 1
         if self.writable:
             with self.owner.lock:
                 self.owner.rw_heads -= 1
@@ -243,6 +247,10 @@ class DRServer:
         self.gfs = check_counts(gfs)  # the DR's own GFS counts (serve --keep-hourly …), None: none
         self.lock = threading.RLock()
         self.rw_heads = 0
+        # head_exclusive (restore, rollback): [token, pid] of the holder; heads[own]: open live exports
+        self.heads_lock = threading.Lock()
+        self.heads = {False: 0, True: 0}
+        self.exclusive: tuple[str, int] | None = None
         self.path = vol.path / STATE
         self.state = self._load()
         rec = self.state.get("transfer")
@@ -282,7 +290,57 @@ class DRServer:
         raise Refused(msg, err)
 
     # ---- open
+    def _holder(self) -> tuple[str, int] | None:
+        """The live holder of head_exclusive (one that died has released it)."""
+        ex = self.exclusive
+        if ex is not None:
+            try:
+                os.kill(ex[1], 0)
+            except ProcessLookupError:
+                self.exclusive = ex = None
+            except PermissionError:
+                pass
+        return ex
+
+    def head_exclusive(self, token: str, pid: int, force: bool = False) -> dict:
+        """Control op: the live export to one holder (restore, rollback): refused while other
+        clients have it open unless force; new clients are refused until head_release."""
+        P.parse(P.build("restore", token=token))  # a well-formed token
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise InvalidArgument("pid must be a process id")
+        with self.heads_lock:
+            ex = self._holder()
+            if ex is not None and ex[0] != token:
+                raise VolumeBusy(f"the live volume is already held by pid {ex[1]} (a restore or rollback)")
+            others = self.heads[False]
+            if others and not force:
+                raise VolumeBusy(f"{others} client(s) are connected to the live export of {self.vol.path}: "
+                                 "disconnect them (unmount, stop the VM) or --force")
+            self.exclusive = (token, pid)
+        log.info("live export held by pid %d (restore/rollback); %d other client(s) connected", pid, others)
+        return {"others": others}
+
+    def head_release(self, token: str) -> None:
+        with self.heads_lock:
+            if self.exclusive is not None and self.exclusive[0] == token:
+                self.exclusive = None
+                log.info("live export released")
+
+    def cmd_restore(self, token: str) -> Handle:
+        if self.bound:
+            self.refuse("restore", "this is a bound DR: its head is written by transfers only", _errno.EROFS)
+        ex = self._holder()
+        if ex is None or ex[0] != token:
+            self.refuse("restore", "no restore holds the live export with this token", _errno.EPERM)
+        with self.lock:
+            self.rw_heads += 1
+        return Head(self.vol, True, self, own=True)
+
     def open_head(self, readonly: bool) -> Handle:
+        ex = self._holder()
+        if ex is not None:
+            self.refuse("the live export", f"being restored by pid {ex[1]}: try again when it is done",
+                        _errno.EBUSY)
         if readonly or self.bound:  # no lock: a long commit must not hold up readers of the head
             return Head(self.vol, False, self)
         with self.lock:
@@ -313,7 +371,7 @@ class DRServer:
                 return Blob(b"".join(o.to_bytes(8, "little") + n.to_bytes(8, "little") for o, n in ext))
         except BlockrepError as e:
             self.refuse(name[:80], str(e), e.errno)
-        if readonly and cmd.verb in ("data", "manifest"):
+        if readonly and cmd.verb in ("data", "manifest", "restore"):
             self.refuse(cmd.verb, "this export changes the volume: open it read-write", _errno.EROFS)
         return getattr(self, "cmd_" + cmd.verb)(**cmd.args)
 

@@ -129,6 +129,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "commit": {"token": _token_arg, "entries": _int_arg(0, MANIFEST_MAX // ENTRY),
                "shift": _int_arg(MIN_SHIFT, MAX_SHIFT), "keep": _keep_arg, "gfs": _gfs_arg},
     "abort": {"token": _token_arg},
+    "restore": {"token": _token_arg},  # the live head, for the holder of head_exclusive (backseed.py)
 }
 OPTIONAL: dict[str, frozenset[str]] = {"commit": frozenset({"gfs"})}  # newer than protocol 1: FEATURES
 
