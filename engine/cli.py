@@ -283,6 +283,27 @@ def cmd_snapshot_rollback(a) -> int:
     return 0
 
 
+def cmd_attach(a) -> int:
+    from .attach import attach
+    st = attach(a.uri, read_only=a.read_only, new_identity=a.new_identity, mount=a.mount)
+    if a.json:
+        _print_json(st)
+        return 0
+    print(st["device"])
+    for c in st.get("identity", []):
+        print(f"blockrep: {c['device']}: new {c['type']} identity {c['new']} (was {c['old']})", file=sys.stderr)
+    if st.get("mountpoint"):
+        print(f"blockrep: {st['mounted']} mounted on {st['mountpoint']}", file=sys.stderr)
+    return 0
+
+
+def cmd_detach(a) -> int:
+    from .attach import detach
+    st = detach(a.target)
+    print(f"detached {st.get('device')} ({st.get('uri')})", file=sys.stderr)
+    return 0
+
+
 def cmd_verify(a) -> int:
     from .replication.verify import verify
     validate_snapshot_name(a.snapshot)
@@ -477,6 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="even with other clients connected, or from a DR snapshot of another volume")
     rs.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s",
                     help="cap in bytes per second, K/M/G suffixes (powers of 1024), e.g. 10M")
+
+    at = sub.add_parser("attach", help="an NBD export as a block device here (prints it), mounted if asked")
+    at.add_argument("uri", metavar="URI", help="nbd://, nbds://…?tls-psk-file=F, nbd+unix:///EXPORT?socket=PATH "
+                    "(a DR snapshot: its @NAME export)")
+    mode = at.add_mutually_exclusive_group()
+    mode.add_argument("--read-only", action="store_true", help="refuse every write (and mount read-only)")
+    mode.add_argument("--new-identity", action="store_true",
+                      help="a throw-away copy-on-write overlay with new filesystem, partition-table and LVM "
+                           "identifiers, to mount beside the original; the export is never written")
+    at.add_argument("--mount", metavar="DIR", help="also mount the (first) filesystem on DIR")
+    at.add_argument("--json", action="store_true", help="print the attachment as JSON")
+    at.set_defaults(func=cmd_attach)
+    dt = sub.add_parser("detach", help="undo an attach: unmount, remove the device, end its server")
+    dt.add_argument("target", metavar="DEV|DIR", help="the device attach printed, or the mountpoint")
+    dt.set_defaults(func=cmd_detach)
 
     vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)
     vf.add_argument("snapshot", metavar="SNAP", help="the local snapshot to compare")

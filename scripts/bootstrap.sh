@@ -12,6 +12,7 @@ APT_PACKAGES=(
     nbdkit nbdkit-plugin-python libnbd-bin python3-libnbd python3-venv python3-dev
     gcc libzstd-dev qemu-utils qemu-system-x86 fuse3 fio e2fsprogs nbd-server nbd-client
     busybox-static linux-image-amd64 cpio kmod util-linux iproute2
+    xfsprogs fdisk btrfs-progs uuid-runtime
     systemd groff-base
 )
 
