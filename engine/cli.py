@@ -304,6 +304,40 @@ def cmd_detach(a) -> int:
     return 0
 
 
+def cmd_send(a) -> int:
+    from .replication.stream import send
+    for n in (a.snapshot, getattr(a, "from")):
+        if n is not None:
+            validate_snapshot_name(n)
+    if a.output is None and sys.stdout.isatty():
+        raise InvalidArgument("send writes a binary stream: give -o FILE, or pipe it (| ssh dr blockrep receive …)")
+    if a.output is None:
+        res = send(a.volume, a.snapshot, getattr(a, "from"), resume=a.resume)
+    else:
+        with open(a.output, "wb") as f:
+            res = send(a.volume, a.snapshot, getattr(a, "from"), out=f, resume=a.resume)
+    print(f"sent {res['snapshot']}" + (f" since {res['base']}" if res["base"] else " (full)")
+          + f": {format_size(res['data_bytes'])} of data in {format_size(res['stream_bytes'])} of stream, "
+          f"{res['records']} records", file=sys.stderr)
+    return 0
+
+
+def cmd_receive(a) -> int:
+    from .replication.stream import receive, resume_token
+    if a.resume_token:
+        print(resume_token(a.volume))
+        return 0
+    if a.input is None:
+        if sys.stdin.isatty():
+            raise InvalidArgument("receive reads a stream: give -i FILE, or pipe one in")
+        res = receive(a.volume, force=a.force)
+    else:
+        with open(a.input, "rb") as f:
+            res = receive(a.volume, f, force=a.force)
+    print(f"received {res['snapshot']} ({res['records']} records)", file=sys.stderr)
+    return 0
+
+
 def cmd_verify(a) -> int:
     from .replication.verify import verify
     validate_snapshot_name(a.snapshot)
@@ -513,6 +547,19 @@ def build_parser() -> argparse.ArgumentParser:
     dt = sub.add_parser("detach", help="undo an attach: unmount, remove the device, end its server")
     dt.add_argument("target", metavar="DEV|DIR", help="the device attach printed, or the mountpoint")
     dt.set_defaults(func=cmd_detach)
+
+    se = _command(sub, "send", cmd_send, "write a snapshot (or the changes between two) as a stream (docs/STREAM.md)")
+    se.add_argument("snapshot", metavar="B", help="the snapshot to send")
+    se.add_argument("--from", metavar="A", help="send only the changes since snapshot A (an increment)")
+    se.add_argument("-o", "--output", metavar="FILE", help="write the stream to FILE (default: standard output)")
+    se.add_argument("--resume", metavar="TOKEN", help="continue the stream an interrupted receive stopped in "
+                    "(the token its error line printed)")
+    rv = _command(sub, "receive", cmd_receive, "apply a stream; its snapshot is created once all of it verified")
+    rv.add_argument("-i", "--input", metavar="FILE", help="read the stream from FILE (default: standard input)")
+    rv.add_argument("--resume-token", action="store_true",
+                    help="print the token of a receive that stopped in VOL (killed, or failed) and exit")
+    rv.add_argument("--force", action="store_true",
+                    help="into a volume with data of its own, or changed since the stream's base")
 
     vf = _command(sub, "verify", cmd_verify, "prove a DR snapshot equals the local one (checksums)", json=True)
     vf.add_argument("snapshot", metavar="SNAP", help="the local snapshot to compare")
