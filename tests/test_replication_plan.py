@@ -31,9 +31,9 @@ def hello(held=(), bound=ME, has_data=True, volume=DRV, transfer=None):
 
 # ------------------------------------------------------------------ plan for a blockrep DR
 
-def test_an_interrupted_seed_the_dr_still_holds_resumes_as_a_seed_not_a_rebase():
+def test_a_cleanly_paused_seed_the_dr_still_holds_resumes_as_a_seed_not_a_rebase():
     s = snaps("a", "b")
-    prog = {"mode": "seed", "snapshot_uuid": s[1]["uuid"], "done_upto": 4096}
+    prog = {"mode": "seed", "snapshot_uuid": s[1]["uuid"], "done_upto": 4096, "clean": True}
     held = hello(held=[], transfer={"snapshot": s[1]["uuid"], "live": False})
     assert plan.for_blockrep(s, s[1], ME, held, progress=prog).mode == "seed"
     # anything else that left data there is compared by digests
@@ -42,6 +42,8 @@ def test_an_interrupted_seed_the_dr_still_holds_resumes_as_a_seed_not_a_rebase()
     other = hello(held=[], transfer={"snapshot": s[0]["uuid"], "live": False})
     assert plan.for_blockrep(s, s[1], ME, other, progress=prog).mode == "rebase"
     assert plan.for_blockrep(s, s[1], ME, held, progress={**prog, "mode": "rebase"}).mode == "rebase"
+    # a killed seed may have written beyond its confirmed prefix: digests decide
+    assert plan.for_blockrep(s, s[1], ME, held, progress={**prog, "clean": False}).mode == "rebase"
 
 
 def test_newest_common_uuid_is_the_base():

@@ -78,11 +78,15 @@ def for_blockrep(snapshots: list[dict], snapshot: dict, own_volume: str, dr: dic
     if base is not None:
         return Plan("incremental", base)
     if dr.get("has_data"):
-        # An interrupted seed of this very snapshot, whose transfer the DR still holds: resume the
-        # seed after its confirmed prefix (a rebase would read both whole volumes for digests at
-        # every resume: each night of a multi-night seed paused by its window).
+        # A seed of this very snapshot that was *paused* (a pause confirms all it can: beyond the
+        # prefix the DR holds at most what was in flight) and whose transfer the DR still holds:
+        # resume the seed after the prefix (a rebase would read both whole volumes for digests at
+        # every resume: each night of a multi-night seed paused by its window). A killed seed may
+        # have written far beyond its prefix: rebase,
+        # which sends only the chunks that differ.
         t = dr.get("transfer") or {}
-        if (progress and progress.get("mode") == "seed" and progress.get("snapshot_uuid") == snapshot["uuid"]
+        if (progress and progress.get("mode") == "seed" and progress.get("clean")
+                and progress.get("snapshot_uuid") == snapshot["uuid"]
                 and bound == own_volume and t.get("snapshot") == snapshot["uuid"]):
             return Plan("seed", note="resuming the interrupted seed")
         return Plan("rebase", note="no common snapshot: compare digests and send what differs")

@@ -319,6 +319,15 @@ class Run:
             if session is not None and mine is not None:
                 commit = self.check_and_commit(src, snap, session, mine.get(), shift, runs, keep_remote, sent)
             fingerprint = None if dr is not None else self.fingerprint(src, snap, extents)
+        except Paused:
+            if session is not None:
+                session.close()
+            # A pause flushed and confirmed all it could: beyond done_upto the target holds at most
+            # the chunks that were in flight (<= copy.QUEUE_BYTES), so resuming the same plan re-sends
+            # little. A kill may leave PROGRESS_SECONDS of unconfirmed data there: no mark, rebase.
+            in_progress["clean"] = True
+            state.set_target(vol, self.to, in_progress=in_progress)
+            raise
         except BaseException:
             if session is not None:
                 session.close()
