@@ -177,8 +177,8 @@ def test_cycles_ship_on_schedule_and_both_retentions_are_exact(make_server, sche
 def test_a_window_that_closes_mid_transfer_pauses_it_and_the_next_opening_resumes_it(make_server, sched):
     p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
     write_random(p, 12)
-    # open now, closed from +4 s to +10 s (a window that spans "midnight": opens at +10, closes at +4)
-    window = f"{local_clock(10)}-{local_clock(4)}"
+    # open now, closed from +7 s to +14 s (a window that spans "midnight": opens at +14, closes at +7)
+    window = f"{local_clock(14)}-{local_clock(7)}"
     s = sched(volume_toml(p, every="1h", start=soon(3)) + target_toml(d, window=window, rate="2M")).start()
     s.wait_log(r"transfer of \S+ started", timeout=20)
     s.wait_log(r"paused \(window", timeout=20)
