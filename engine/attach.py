@@ -68,16 +68,7 @@ def nbd_plugin_args(uri: str) -> list[str]:
 
 
 def _sh(*cmd: str, timeout: float = 120) -> str:
-    try:
-        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except FileNotFoundError:
-        raise AttachError(f"{cmd[0]} is not installed (scripts/bootstrap.sh installs it)") from None
-    except subprocess.TimeoutExpired:
-        raise AttachError(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from None
-    if r.returncode != 0:
-        detail = (r.stderr or r.stdout).strip().splitlines()
-        raise AttachError(f"{cmd[0]} failed: {detail[-1] if detail else f'exit {r.returncode}'}")
-    return r.stdout
+    return identity.run_tool(*cmd, error=AttachError, timeout=timeout)
 
 
 def _save(d: Path, st: dict) -> None:

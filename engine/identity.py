@@ -34,17 +34,20 @@ class IdentityError(BlockrepError):
     """An identifier could not be replaced: the copy must not be used beside the original."""
 
 
-def _run(*cmd: str) -> str:
+def run_tool(*cmd: str, error: type[BlockrepError] = IdentityError, timeout: float = TIMEOUT) -> str:
+    """A system tool's stdout; its failure is one `error` naming the tool and its last line
+    (attach.py runs its tools through this too)."""
     try:
-        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL)
+        r = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise IdentityError(f"{cmd[0]} is not installed (scripts/bootstrap.sh installs it)") from None
+        raise error(f"{cmd[0]} is not installed (scripts/bootstrap.sh installs it)") from None
     except subprocess.TimeoutExpired:
-        raise IdentityError(f"{' '.join(cmd)} did not finish in {TIMEOUT} s") from None
+        raise error(f"{' '.join(cmd)} did not finish in {timeout:.0f} s") from None
     if r.returncode != 0:
         detail = (r.stderr or r.stdout).strip().splitlines()
-        raise IdentityError(f"{' '.join(cmd)} failed (exit {r.returncode})" + (f": {detail[-1]}" if detail else ""))
+        raise error(f"{' '.join(cmd)} failed (exit {r.returncode})" + (f": {detail[-1]}" if detail else ""))
     return r.stdout
+
 
 
 def probe(dev: str) -> dict[str, str]:
@@ -89,18 +92,18 @@ def _fs(dev: str, found: dict[str, str]) -> str | None:
     kind = found.get("TYPE")
     if kind in ("ext2", "ext3", "ext4"):
         subprocess.run(["e2fsck", "-fy", dev], capture_output=True, timeout=TIMEOUT)  # 1 = fixed: fine
-        _run("tune2fs", "-U", "random", dev)
+        run_tool("tune2fs", "-U", "random", dev)
     elif kind == "xfs":
         with tempfile.TemporaryDirectory(prefix="blockrep-xfs-") as mnt:  # replay the log first
-            _run("mount", "-t", "xfs", "-o", "nouuid", dev, mnt)
-            _run("umount", mnt)
-        _run("xfs_admin", "-U", "generate", dev)
+            run_tool("mount", "-t", "xfs", "-o", "nouuid", dev, mnt)
+            run_tool("umount", mnt)
+        run_tool("xfs_admin", "-U", "generate", dev)
     elif kind == "btrfs":
-        _run("btrfstune", "-f", "-u", dev)
+        run_tool("btrfstune", "-f", "-u", dev)
     elif kind == "swap":
-        _run("swaplabel", "-U", str(_uuid.uuid4()), dev)
+        run_tool("swaplabel", "-U", str(_uuid.uuid4()), dev)
     elif kind == "LVM2_member":
-        _run("vgimportclone", dev)
+        run_tool("vgimportclone", dev)
     else:
         return None
     return kind
@@ -113,14 +116,14 @@ def renew(dev: str, parts: list[str]) -> list[dict]:
     top = probe(dev)
     pt = top.get("PTTYPE")
     if pt == "gpt":
-        _run("sfdisk", "--disk-id", dev, str(_uuid.uuid4()).upper())
+        run_tool("sfdisk", "--disk-id", dev, str(_uuid.uuid4()).upper())
         for p in parts:
             n = p.rsplit("p", 1)[1]
-            _run("sfdisk", "--part-uuid", dev, n, str(_uuid.uuid4()).upper())
+            run_tool("sfdisk", "--part-uuid", dev, n, str(_uuid.uuid4()).upper())
         _settle(dev, parts)
         changed.append({"device": dev, "type": "gpt", "old": top.get("PTUUID"), "new": probe(dev).get("PTUUID")})
     elif pt == "dos":
-        _run("sfdisk", "--disk-id", dev, "0x" + secrets.token_hex(4))
+        run_tool("sfdisk", "--disk-id", dev, "0x" + secrets.token_hex(4))
         _settle(dev, parts)
         changed.append({"device": dev, "type": "dos", "old": top.get("PTUUID"), "new": probe(dev).get("PTUUID")})
     targets = parts if pt else [dev]
