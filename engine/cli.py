@@ -283,6 +283,32 @@ def cmd_snapshot_rollback(a) -> int:
     return 0
 
 
+def cmd_promote(a) -> int:
+    from .replication.roles import promote
+    if a.snapshot:
+        validate_snapshot_name(a.snapshot)
+    res = promote(a.volume, a.snapshot, force=a.force, progress=sys.stderr.isatty() and not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"promoted {a.volume}: its live export is writable and equals {res['snapshot']} "
+              f"({format_size(res['bytes_sent'])} written); transfers from its old primary "
+              f"{res['former_primary']} are refused until `blockrep demote`; the head it had is snapshot "
+              f"{res['safety_snapshot']}")
+    return 0
+
+
+def cmd_demote(a) -> int:
+    from .replication.roles import demote
+    res = demote(a.volume, a.primary, force=a.force)
+    if a.json:
+        _print_json(res)
+    else:
+        print(f"demoted {a.volume}: now a DR of {res['primary']} (volume {res['bound_to']}; {res['related']}); "
+              f"its live export is read-only; what it held is snapshot {res['safety_snapshot']}")
+    return 0
+
+
 def cmd_attach(a) -> int:
     from .attach import attach
     st = attach(a.uri, read_only=a.read_only, new_identity=a.new_identity, mount=a.mount)
@@ -532,6 +558,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="even with other clients connected, or from a DR snapshot of another volume")
     rs.add_argument("--rate", type=_size_arg("rate"), metavar="BYTES/s",
                     help="cap in bytes per second, K/M/G suffixes (powers of 1024), e.g. 10M")
+
+    pm = _command(sub, "promote", cmd_promote,
+                  "failover: a DR volume's live export becomes writable, equal to one of its snapshots; "
+                  "its old primary's transfers are refused from then on", json=True)
+    pm.add_argument("--snapshot", metavar="NAME",
+                    help="the snapshot the live volume becomes (default: the newest replicated one)")
+    pm.add_argument("--force", action="store_true",
+                    help="even while clients have the live export open or a transfer is under way (it is stopped)")
+    dm = _command(sub, "demote", cmd_demote,
+                  "failback: this volume becomes a DR of another blockrep server (e.g. the promoted DR); "
+                  "its live export turns read-only, after a safety snapshot", json=True)
+    dm.add_argument("--primary", required=True, metavar="URI",
+                    help="the blockrep server whose transfers this volume takes from now on")
+    dm.add_argument("--force", action="store_true",
+                    help="bind to a server that shares no snapshot with this volume, or rebind from another "
+                         "primary; with read-only clients connected")
 
     at = sub.add_parser("attach", help="an NBD export as a block device here (prints it), mounted if asked")
     at.add_argument("uri", metavar="URI", help="nbd://, nbds://…?tls-psk-file=F, nbd+unix:///EXPORT?socket=PATH "

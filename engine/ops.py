@@ -13,6 +13,7 @@ from typing import Any
 from .errors import AlreadyExists, InvalidArgument, Protected
 from .replication import retention
 from .replication import state as rstate
+from .replication.drserver import read_role
 from .replication.gfs import check_counts
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
@@ -99,6 +100,7 @@ def info(vol: Volume) -> dict:
     res = vol.info()
     res["snapshots"] = snapshot_list(vol)
     res["pinned_bytes"] = sum(s["pinned_bytes"] for s in res["snapshots"])
+    res.update(read_role(vol.path))  # primary, dr or promoted (REPLICATION.md §9)
     return res
 
 

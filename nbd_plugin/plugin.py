@@ -146,7 +146,9 @@ def after_fork():
     _worker = threading.Thread(target=_maintain, name="blockrep-maintain", daemon=True)
     _worker.start()
     _control = ControlServer(_vol, socket_path(_vol.path),
-                             extra={"head_exclusive": _dr.head_exclusive, "head_release": _dr.head_release})
+                             extra={"head_exclusive": _dr.head_exclusive, "head_release": _dr.head_release,
+                                    "dr_promote": _dr.dr_promote, "dr_promote_done": _dr.dr_promote_done,
+                                    "dr_demote": _dr.dr_demote})
     _control.start()
 
 

@@ -53,6 +53,19 @@ def connected(u: str):
             h.shutdown()
 
 
+def digest(u: str, size: int) -> str:
+    """sha256 of an export's first `size` bytes, read through libnbd."""
+    h = hashlib.sha256()
+    with connected(u) as c:
+        for off in range(0, size, 4 * MiB):
+            h.update(c.pread(min(4 * MiB, size - off), off))
+    return h.hexdigest()
+
+
+def snap_uri(server, name: str) -> str:
+    return f"nbd+unix:///@{name}?socket={server.sock}"
+
+
 def nbd_exports(u: str) -> list[str]:
     """Export names a server lists (NBD_OPT_LIST)."""
     h = nbd.NBD()

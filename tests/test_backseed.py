@@ -12,27 +12,11 @@ import os
 import pytest
 from blockdev import attached, fsck_clean, mounted, sh
 from conftest import run_blockrep
+from replhelp import digest, snap_uri
 
 pytestmark = pytest.mark.slow
 MiB = 1 << 20
 DR_ARGS = ("--keep", "5", "--keep-min-age", "0")
-
-
-def digest(uri: str, size: int) -> str:
-    h = hashlib.sha256()
-    import nbd
-    c = nbd.NBD()
-    c.connect_uri(uri)
-    try:
-        for off in range(0, size, 4 * MiB):
-            h.update(c.pread(min(4 * MiB, size - off), off))
-    finally:
-        c.shutdown()
-    return h.hexdigest()
-
-
-def snap_uri(server, name: str) -> str:
-    return f"nbd+unix:///@{name}?socket={server.sock}"
 
 
 def replicate(p, d) -> dict:

@@ -11,6 +11,9 @@ Notes on the design:
   a primary's request (`keep=`, `gfs=` at commit) counts only with `--allow-remote-prune`, and
   only adds to what the DR's own rules keep (retention.dr_plan).
 - Every change and every refusal is logged on `blockrep.dr` (server.log) with the peer.
+- Roles (REPLICATION.md §9): a DR (`bound_to` set) takes transfers from its primary only; a
+  promoted one (failover: `promoted.from` = its old primary) never takes them from it again,
+  `--force` or not, until `demote` binds it to a primary anew.
 - Locking: callbacks of different connections run at once (SERIALIZE_REQUESTS); `DRServer.lock`
   guards the transfer and dr.json. Data writes check one attribute (`transfer.writable`).
 
@@ -42,6 +45,7 @@ from .gfs import check_counts
 log = logging.getLogger("blockrep.dr")
 STATE = "dr.json"
 MANIFEST = "dr-manifest"
+CONTROL = "control socket"  # the peer of promote and demote (a local root command)
 FLAG_REPLICATED = 2  # snapshot flag: committed by a DR transfer (bit 0 is "made by replicate")
 
 
@@ -282,8 +286,12 @@ class DRServer:
     def bound(self) -> bool:
         return bool(self.state.get("bound_to"))
 
-    def audit(self, what: str) -> None:
-        log.info("DR %s [peer %s]", what, self.peer())
+    @property
+    def role(self) -> str:
+        return role_of(self.state)
+
+    def audit(self, what: str, peer: str | None = None) -> None:
+        log.info("DR %s [peer %s]", what, peer or self.peer())
 
     def refuse(self, what: str, msg: str, err: int) -> NoReturn:
         log.warning("DR refused %s: %s [peer %s]", what, msg, self.peer())
@@ -383,7 +391,7 @@ class DRServer:
         t = self.transfer
         return {
             "protocol": P.PROTOCOL, "features": list(P.FEATURES), "volume": self.vol.params.uuid,
-            "size": self.vol.size,
+            "size": self.vol.size, "role": self.role, "promoted": self.state.get("promoted"),
             "bound_to": self.state.get("bound_to"), "has_data": self.vol.stats()["live_blocks"] > 0,
             "snapshots": snaps,
             "transfer": None if t is None else {"snapshot": t.rec["snap"], "name": t.rec["name"],
@@ -407,6 +415,11 @@ class DRServer:
             if primary == vol.params.uuid:
                 self.refuse(what, "this is the source volume itself: a volume cannot replicate into itself",
                             _errno.EPERM)
+            pr = self.state.get("promoted")
+            if pr and pr.get("from") == primary:  # its head is live data now: --force or not
+                self.refuse(what, f"this volume was promoted (failover, from snapshot {pr['snapshot']} at "
+                            f"{pr['at']}): it takes no more deltas from its old primary; `blockrep demote` "
+                            "it to make it a DR again", _errno.EPERM)
             snaps = vol.snapshots()
             if any(s["uuid"] == snap for s in snaps):
                 self.refuse(what, f"snapshot {name} ({snap}) is already replicated here", _errno.EEXIST)
@@ -504,6 +517,86 @@ class DRServer:
             return Blob(json.dumps({"snapshot": s["name"], "uuid": s["uuid"], "pruned": pruned,
                                     "keep_request": note}).encode())
 
+    # ---- roles (control ops of promote and demote: REPLICATION.md §9)
+    def dr_promote(self, snapshot: str | None = None, force: bool = False) -> dict:
+        """Failover, step 2: stop taking the primary's transfers; the caller (holding the head)
+        then rolls the head back to the snapshot and calls dr_promote_done."""
+        with self.lock:
+            st = self.state
+            pr = st.get("promoted")
+            if pr and pr.get("complete"):
+                raise InvalidArgument(f"{self.vol.path} is already promoted (from snapshot {pr['snapshot']} at "
+                                      f"{pr['at']}); its live volume is in use: `snapshot rollback` changes it")
+            if pr:  # a promote that did not finish: finish it, to the same snapshot
+                if snapshot is not None and snapshot != pr["snapshot"]:
+                    raise InvalidArgument(f"an unfinished promote to snapshot {pr['snapshot']} is under way: "
+                                          "run it again with that snapshot (or without --snapshot)")
+                return dict(pr)
+            if not st.get("bound_to"):
+                raise InvalidArgument(f"{self.vol.path} is not a DR (it is bound to no primary): there is "
+                                      "nothing to promote; its live export is writable already")
+            snaps = self.vol.snapshots()
+            if snapshot is None:
+                mine = [s for s in snaps if s["uuid"] in st["snapshots"]]
+                if not mine:
+                    raise NotFound("this DR holds no replicated snapshot: name one with --snapshot")
+                snap = mine[-1]
+            else:
+                snap = self.vol.snapshot(validate_snapshot_name(snapshot))
+            t = self.transfer
+            if t is not None and t.live > 0 and not force:
+                raise VolumeBusy(f"a transfer from the primary is in progress (snapshot {t.rec['name']}, since "
+                                 f"{t.rec['started']}, from {t.rec['peer']}): stop it first, or --force")
+            if t is not None:
+                t.close_writes()  # its connections write no more; its token is dead
+                self.transfer = None
+                (self.vol.path / MANIFEST).unlink(missing_ok=True)
+            st["promoted"] = {"from": st["bound_to"], "snapshot": snap["name"], "snapshot_uuid": snap["uuid"],
+                              "at": _now(), "complete": False, "safety_snapshot": None}
+            st["bound_to"] = None
+            st["demoted"] = None
+            self._save()
+            stopped = " (its transfer stopped)" if t else ""
+            self.audit(f"PROMOTED (failover) from snapshot {snap['name']}: transfers from the old primary "
+                       f"{st['promoted']['from']} are refused from now on{stopped}", CONTROL)
+            return dict(st["promoted"])
+
+    def dr_promote_done(self, safety_snapshot: str) -> dict:
+        with self.lock:
+            pr = self.state.get("promoted")
+            if not pr:
+                raise InvalidArgument("no promote is under way")
+            pr["complete"], pr["safety_snapshot"] = True, validate_snapshot_name(safety_snapshot)
+            self._save()
+            self.audit(f"promote complete: the live volume equals snapshot {pr['snapshot']}", CONTROL)
+            return dict(pr)
+
+    def dr_demote(self, primary: str, safety_snapshot: str, force: bool = False) -> dict:
+        """This volume becomes a DR of `primary` (a volume uuid): its live export turns read-only
+        and takes that primary's transfers. The caller holds the head and took the safety snapshot."""
+        if not isinstance(primary, str) or not P.UUID_RE.fullmatch(primary):
+            raise InvalidArgument("primary must be a volume uuid")
+        with self.lock:
+            st = self.state
+            if primary == self.vol.params.uuid:
+                raise InvalidArgument("a volume cannot be a DR of itself")
+            bound = st.get("bound_to")
+            if bound == primary:
+                raise InvalidArgument(f"{self.vol.path} is already a DR of {primary}")
+            if bound and not force:
+                raise InvalidArgument(f"{self.vol.path} is a DR of another primary ({bound}): --force rebinds it")
+            if self.rw_heads:
+                raise VolumeBusy(f"{self.rw_heads} client(s) have the live export open read-write: disconnect "
+                                 "them (unmount, stop the VM); a DR's head is written by transfers only")
+            st["bound_to"], st["bound_at"] = primary, _now()
+            st["demoted"] = {"at": st["bound_at"], "primary": primary,
+                             "safety_snapshot": validate_snapshot_name(safety_snapshot)}
+            st["promoted"] = None
+            self._save()
+            self.audit(f"DEMOTED: now a DR of primary {primary}; the live export is read-only "
+                       f"(safety snapshot {safety_snapshot})" + (f"; was a DR of {bound}" if bound else ""), CONTROL)
+            return {"bound_to": primary, **st["demoted"]}
+
     def _verify(self, t: Transfer, entries: int, shift: int) -> list[int]:
         """Chunk indices whose head digest differs from the manifest (REPLICATION.md §3)."""
         vol = self.vol
@@ -586,6 +679,24 @@ class DRServer:
         doomed, _ = retention.dr_plan(snaps, committed, own, request,
                                       _dt.timedelta(seconds=self.keep_min_age), now)
         return doomed
+
+
+def role_of(state: dict) -> str:
+    """primary, dr or promoted, from a dr.json (REPLICATION.md §9)."""
+    if state.get("bound_to"):
+        return "dr"
+    return "promoted" if state.get("promoted") else "primary"
+
+
+def read_role(path: Path) -> dict:
+    """{role, bound_to, promoted} of a volume directory, from its dr.json (written atomically)."""
+    try:
+        st = json.loads((path / STATE).read_text())
+    except FileNotFoundError:
+        st = {}
+    except ValueError as e:
+        raise CorruptionError(f"{path / STATE} is damaged: {e}") from None
+    return {"role": role_of(st), "bound_to": st.get("bound_to"), "promoted": st.get("promoted")}
 
 
 def errno_of(e: BaseException) -> int:

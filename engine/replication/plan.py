@@ -44,6 +44,12 @@ def check_target(own_volume: str, dr: dict, *, force: bool = False) -> None:
         raise Conflict("the target is this volume itself: replicating a volume into itself would "
                        "overwrite it with an older state")
     dr_snaps = dr.get("snapshots") or []
+    promoted = dr.get("promoted") or {}
+    if promoted.get("from") == own_volume:
+        raise Conflict(f"the target was promoted (failover, from snapshot {promoted.get('snapshot')} at "
+                       f"{promoted.get('at')}): its live volume is in use there and takes no more deltas from "
+                       "this volume (not even with --force); to fail back, `blockrep demote` this volume "
+                       "with --primary pointing at it")
     bound = dr.get("bound_to")
     if bound and bound != own_volume and not force:
         raise Conflict(f"the target is a DR of another primary volume ({bound}); --force rebinds it to "

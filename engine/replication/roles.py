@@ -1,0 +1,95 @@
+"""`blockrep promote` and `blockrep demote`: failover and failback (docs/REPLICATION.md §9).
+
+Notes on the design:
+- The role lives in the DR server's dr.json and changes only through its control ops
+  (`dr_promote`, `dr_promote_done`, `dr_demote`), so a served volume and one opened for this
+  command (a private server, as restore does) behave alike, and the server's in-memory state
+  is the one that changes.
+- Both hold the live export exclusively (backseed.exclusive_head) while they work: no client
+  writes into a head whose role is changing.
+- promote = stop taking the primary's transfers, then a rollback of the head to NAME (the head
+  of a DR may hold a partial delta), verified by digest; a promote interrupted in between is
+  finished by running it again. demote = a safety snapshot (the writes that never reached the
+  new primary) and a binding; the next transfer from the new primary overwrites those writes,
+  incrementally from the common base, because both volumes hold the same snapshot uuids.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import control
+from ..access import run_op
+from ..errors import InvalidArgument
+from ..volume import read_params
+from . import drclient
+from .backseed import _ship, _verify, exclusive_head, safety_snapshot
+from .nbdio import TransferError
+from .replicate import source_server
+from .uris import redact_uri
+
+
+def promote(volume: str, snapshot: str | None = None, *, force: bool = False, progress: bool = False) -> dict:
+    """Failover: the DR volume's live export becomes writable and equal to its snapshot (default the
+    newest a transfer committed); its old primary's transfers are refused from now on."""
+    t0 = time.monotonic()
+    vol = Path(volume).resolve()
+    params = read_params(vol)
+    with source_server(vol) as src, exclusive_head(vol, force) as token:
+        pr = control.call(vol, "dr_promote", snapshot=snapshot, force=force)
+        name = pr["snapshot"]
+        safety = safety_snapshot(vol)
+        extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=name, to_name=safety)]
+        sent = _ship(src, "@" + name, src, token, extents, rate=None, progress=progress, retries=2,
+                     size=params.size)
+        _verify(src, src, name, extents, params.size)
+        control.call(vol, "dr_promote_done", safety_snapshot=safety)
+    return {"snapshot": name, "uuid": pr["snapshot_uuid"], "former_primary": pr["from"], "role": "promoted",
+            "safety_snapshot": safety, "extents": len(extents), "bytes_sent": sent["bytes_sent"],
+            "bytes_zeroed": sent["bytes_zeroed"], "seconds": round(time.monotonic() - t0, 3)}
+
+
+def _related(own_uuid: str, own_snaps: set[str], peer: dict) -> str | None:
+    """Why the peer may be this volume's primary (None: no reason)."""
+    pr = peer.get("promoted") or {}
+    if pr.get("from") == own_uuid:
+        return "it was promoted from this volume"
+    common = [s["name"] for s in peer.get("snapshots") or [] if s["uuid"] in own_snaps]
+    if common:
+        return f"both hold snapshot {common[-1]}"
+    return None
+
+
+def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
+    """This volume becomes a DR of the blockrep server at primary_uri: its live export turns
+    read-only and takes that server's transfers (after a safety snapshot of what it holds)."""
+    t0 = time.monotonic()
+    vol = Path(volume).resolve()
+    params = read_params(vol)
+    try:
+        info, is_br = drclient.is_blockrep(primary_uri)
+    except TransferError as e:
+        raise TransferError(f"the new primary is unreachable: {e}", transient=False) from None
+    if not is_br:
+        raise InvalidArgument(f"{primary_uri} is not a blockrep server: a DR is bound to a blockrep volume")
+    peer = drclient.hello(primary_uri)
+    if peer.get("volume") == params.uuid:
+        raise InvalidArgument(f"{primary_uri} is {vol} itself: a volume cannot be a DR of itself")
+    if peer.get("size") != params.size:
+        raise InvalidArgument(f"the primary volume is {peer.get('size')} bytes, {vol} is {params.size}: "
+                              "a DR has its primary's size")
+    if peer.get("role") == "dr":
+        raise InvalidArgument(f"{primary_uri} is itself a DR (of {peer.get('bound_to')}): promote it first")
+    with source_server(vol):
+        own = {s["uuid"] for s in run_op(vol, "snapshot_list")}
+        why = _related(params.uuid, own, peer)
+        if why is None and not force:
+            raise InvalidArgument(f"{primary_uri} (volume {peer.get('volume')}) shares no snapshot with {vol} and "
+                                  "was not promoted from it: its first transfer here would overwrite all of it "
+                                  "(a rebase); --force binds it anyway")
+        with exclusive_head(vol, force):
+            safety = safety_snapshot(vol)
+            res = control.call(vol, "dr_demote", primary=peer["volume"], safety_snapshot=safety, force=force)
+    return {"role": "dr", "bound_to": res["bound_to"], "primary": redact_uri(primary_uri),
+            "related": why or "--force", "safety_snapshot": safety, "seconds": round(time.monotonic() - t0, 3)}
