@@ -53,6 +53,8 @@ def _info(vol: Path) -> dict:
         }
     else:
         info = run_op(str(vol), "info")
+    from .replication.drserver import read_role
+    info.update(read_role(vol))  # primary, dr or promoted (docs/REPLICATION.md §9)
     info["served"] = bool(pid)
     if pid:
         info["server_pid"] = pid
@@ -73,6 +75,9 @@ def cmd_info(a) -> int:
         ("backend", info["backend"]), ("compress", info["compress"]),
         ("granularity", format_size(info["granularity"])), ("created", info["created"]),
         ("used on disk", format_size(info["used_bytes"])),
+        ("role", {"primary": "primary", "dr": f"DR of {info['bound_to']} (live export read-only)",
+                  "promoted": f"promoted from {info['promoted'] and info['promoted'].get('snapshot')} "
+                              f"(former DR of {info['promoted'] and info['promoted'].get('from')})"}[info["role"]]),
     ]
     for s in info.get("snapshots", []):
         rows.append((f"snapshot {s['name']}", f"created {s['created']}, changed {format_size(s['changed_bytes'])}, "

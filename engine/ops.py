@@ -13,14 +13,16 @@ from typing import Any
 from .errors import AlreadyExists, InvalidArgument, Protected
 from .replication import retention
 from .replication import state as rstate
-from .replication.drserver import read_role
 from .replication.gfs import check_counts
 from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
-def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False, uuid: str | None = None) -> dict:
+def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False, uuid: str | None = None,
+                    holder: str | None = None) -> dict:
     """tag: made by `replicate` (retention may prune it with --keep-local); uuid: an identity to
-    carry (restore gives the head the identity of the DR snapshot it now equals)."""
+    carry (restore gives the head the identity of the DR snapshot it now equals); holder: the
+    token of a restore/rollback/promote holding the head (a server refuses other snapshots then:
+    DRServer.snapshot_create; a volume nobody serves has no holder)."""
     return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name),
                                flags=retention.FLAG_REPLICATE if tag else 0, uuid=uuid)
 
@@ -100,7 +102,6 @@ def info(vol: Volume) -> dict:
     res = vol.info()
     res["snapshots"] = snapshot_list(vol)
     res["pinned_bytes"] = sum(s["pinned_bytes"] for s in res["snapshots"])
-    res.update(read_role(vol.path))  # primary, dr or promoted (REPLICATION.md §9)
     return res
 
 

@@ -66,9 +66,11 @@ def exclusive_head(vol: Path, force: bool) -> Iterator[str]:
             control.call(vol, "head_release", token=token)
 
 
-def safety_snapshot(vol: Path) -> str:
+def safety_snapshot(vol: Path, token: str) -> str:
+    """A snapshot of the live volume before it is replaced (token: the head's holder; the server
+    refuses everybody else's snapshots while the head is held, so none holds a half-done state)."""
     name = "safety-" + _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")[:-4] + "Z"
-    return run_op(vol, "snapshot_create", name=name)["name"]
+    return run_op(vol, "snapshot_create", name=name, holder=token)["name"]
 
 
 def _ship(source_uri: str, source_export: str, target_uri: str, token: str, extents, *, rate, progress,
@@ -98,6 +100,24 @@ def _ship(source_uri: str, source_export: str, target_uri: str, token: str, exte
     raise AssertionError("unreachable")
 
 
+def _still_differing(vol: Path, head_uri: str, source_uri: str, source_snapshot: str, safety: str, extents,
+                     size: int) -> tuple[list[tuple[int, int]], int]:
+    """Resume: of the planned extents plus whatever the head changed since the safety snapshot
+    (the interrupted run's writes, and any other), only the 1 MiB chunks whose digests still differ
+    from the source (only digests cross). Returns (extents, bytes found already there)."""
+    since = [(e["offset"], e["length"]) for e in run_op(vol, "changes_since", since=safety)]
+    chunks = C.chunks_of(merge_extents(extents, since), P.FULL_SHIFT)
+    if not chunks:
+        return [], 0
+    runs = C.runs_of(chunks)
+    mine = C.blockrep_sums(head_uri, None, P.FULL_SHIFT, runs, size)
+    theirs = C.blockrep_sums(source_uri, source_snapshot, P.FULL_SHIFT, runs, size)
+    bad = [chunks[i] for i in C.differing(mine, theirs).tolist()]
+    todo = C.coalesce(bad, P.FULL_SHIFT, size)
+    planned = sum(n for _, n in C.coalesce(chunks, P.FULL_SHIFT, size))
+    return todo, planned - sum(n for _, n in todo)
+
+
 def _verify(head_uri: str, source_uri: str, source_snapshot: str, extents, size: int) -> None:
     """Digests of every chunk written, here and at the source: they must be equal."""
     if not extents:
@@ -122,7 +142,7 @@ def rollback(volume: str, name: str, *, yes: bool = False, force: bool = False, 
         raise NotFound(f"no snapshot named {name!r} in {vol}")
     confirm(f"This replaces the live data of {vol} with snapshot {name} (a safety snapshot is taken first)", yes)
     with source_server(vol) as src, exclusive_head(vol, force) as token:
-        safety = safety_snapshot(vol)
+        safety = safety_snapshot(vol, token)
         extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=name, to_name=safety)]
         sent = _ship(src, "@" + name, src, token, extents, rate=None, progress=progress, retries=2,
                      size=params.size)
@@ -172,13 +192,24 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
     local = {s["uuid"]: s for s in run_op(vol, "snapshot_list")}
     empty = not local and not run_op(vol, "info").get("live_bytes")
     ours = target.get("source") in (params.uuid, None) or dr.get("bound_to") == params.uuid
-    if not ours and not empty and not force:
+    pending = state.target(vol, uri).get("restoring") or {}
+    if not ours and not empty and not force and pending.get("snapshot_uuid") != target["uuid"]:
         raise InvalidArgument(f"DR snapshot {target['name']} is a copy of another volume ({target.get('source')}), "
                               f"and {vol} holds data of its own: --force replaces it anyway")
     confirm(f"This replaces the live data of {vol} with DR snapshot {target['name']} from {uri} "
             "(a safety snapshot is taken first)", yes)
     with source_server(vol) as src, exclusive_head(vol, force) as token:
-        safety = safety_snapshot(vol)
+        # an interrupted restore of the same DR snapshot: keep its safety snapshot (the state
+        # before it began) and send only what did not arrive (below)
+        resumed = pending.get("snapshot_uuid") == target["uuid"] and \
+            any(s["name"] == pending.get("safety_snapshot") for s in local.values())
+        if resumed:
+            safety = pending["safety_snapshot"]
+        else:
+            safety = safety_snapshot(vol, token)
+            state.set_target(vol, uri, restoring={"snapshot": target["name"], "snapshot_uuid": target["uuid"],
+                                                  "safety_snapshot": safety, "started": state.now()})
+            local = {s["uuid"]: s for s in run_op(vol, "snapshot_list")}
         upto = [s for s in dr["snapshots"][: dr["snapshots"].index(target) + 1]]
         base = next((s for s in reversed(upto) if s["uuid"] in local), None)
         if base is not None:
@@ -194,6 +225,9 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
             extents = C.coalesce(C.differing(a, b).tolist(), P.FULL_SHIFT, params.size)
         else:
             mode, extents = "full", [(0, params.size)]
+        skipped = 0
+        if resumed:
+            extents, skipped = _still_differing(vol, src, uri, target["name"], safety, extents, params.size)
         sent = _ship(uri, "@" + target["name"], src, token, extents, rate=rate, progress=progress,
                      retries=retries, size=params.size)
         _verify(src, uri, target["name"], extents, params.size)
@@ -201,10 +235,11 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
         if have is None:  # NAME's identity here too: the next replicate is incremental
             names = {s["name"] for s in local.values()}
             name = target["name"] if target["name"] not in names else f"{target['name'][:55]}-restored"
-            have = run_op(vol, "snapshot_create", name=name, tag=True, uuid=target["uuid"])
+            have = run_op(vol, "snapshot_create", name=name, tag=True, uuid=target["uuid"], holder=token)
         state.set_target(vol, uri, kind="blockrep", snapshot=have["name"], snapshot_uuid=target["uuid"],
-                         replicated_at=state.now(), in_progress=None, dr_volume=dr.get("volume"))
+                         replicated_at=state.now(), in_progress=None, dr_volume=dr.get("volume"), restoring=None)
     return {"snapshot": target["name"], "uuid": target["uuid"], "safety_snapshot": safety, "mode": mode,
+            "resumed": resumed, "bytes_already_there": skipped,
             "base": base and base["name"], "extents": len(extents), "bytes_sent": sent["bytes_sent"],
             "bytes_zeroed": sent["bytes_zeroed"], "local_snapshot": have["name"],
             "seconds": round(time.monotonic() - t0, 3)}

@@ -35,6 +35,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from .. import ops
 from ..errors import AlreadyExists, BlockrepError, CorruptionError, InvalidArgument, NotFound, VolumeBusy
 from ..volume import Volume, validate_snapshot_name
 from . import protocol as P
@@ -327,6 +328,15 @@ class DRServer:
             self.exclusive = (token, pid)
         log.info("live export held by pid %d (restore/rollback); %d other client(s) connected", pid, others)
         return {"others": others}
+
+    def snapshot_create(self, holder: str | None = None, **args) -> dict:
+        """The control op snapshot_create: while a restore, rollback or promote holds the head,
+        only it may take one (a scheduled snapshot then would hold a half-replaced volume)."""
+        ex = self._holder()
+        if ex is not None and ex[0] != holder:
+            raise VolumeBusy(f"the live volume is being replaced (restore, rollback or promote, pid {ex[1]}): "
+                             "a snapshot now would hold it half done; try again when it is done")
+        return ops.snapshot_create(self.vol, **args)
 
     def head_release(self, token: str) -> None:
         with self.heads_lock:

@@ -39,7 +39,7 @@ def promote(volume: str, snapshot: str | None = None, *, force: bool = False, pr
     with source_server(vol) as src, exclusive_head(vol, force) as token:
         pr = control.call(vol, "dr_promote", snapshot=snapshot, force=force)
         name = pr["snapshot"]
-        safety = safety_snapshot(vol)
+        safety = safety_snapshot(vol, token)
         extents = [(e["offset"], e["length"]) for e in run_op(vol, "diff", from_name=name, to_name=safety)]
         sent = _ship(src, "@" + name, src, token, extents, rate=None, progress=progress, retries=2,
                      size=params.size)
@@ -88,8 +88,8 @@ def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
             raise InvalidArgument(f"{primary_uri} (volume {peer.get('volume')}) shares no snapshot with {vol} and "
                                   "was not promoted from it: its first transfer here would overwrite all of it "
                                   "(a rebase); --force binds it anyway")
-        with exclusive_head(vol, force):
-            safety = safety_snapshot(vol)
+        with exclusive_head(vol, force) as token:
+            safety = safety_snapshot(vol, token)
             res = control.call(vol, "dr_demote", primary=peer["volume"], safety_snapshot=safety, force=force)
     return {"role": "dr", "bound_to": res["bound_to"], "primary": redact_uri(primary_uri),
             "related": why or "--force", "safety_snapshot": safety, "seconds": round(time.monotonic() - t0, 3)}
