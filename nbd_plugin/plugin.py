@@ -148,7 +148,8 @@ def after_fork():
     _control = ControlServer(_vol, socket_path(_vol.path),
                              extra={"head_exclusive": _dr.head_exclusive, "head_release": _dr.head_release,
                                     "dr_promote": _dr.dr_promote, "dr_promote_done": _dr.dr_promote_done,
-                                    "dr_demote": _dr.dr_demote, "snapshot_create": _dr.snapshot_create})
+                                    "dr_demote": _dr.dr_demote, "dr_received": _dr.dr_received,
+                                    "snapshot_create": _dr.snapshot_create})
     _control.start()
 
 

@@ -180,3 +180,35 @@ def test_a_killed_receive_resumes_from_the_token_it_left(make_server, tmp_path):
     assert (tmp_path / "rest.bs").stat().st_size < 0.7 * len(data)
     assert receive(r, tmp_path / "rest.bs").returncode == 0, "the killed receive's hold was released"
     assert digest(r, "a") == digest(p, "a")
+
+
+def test_a_stream_seeded_replica_continues_over_the_network_and_back(make_server, tmp_path):
+    """Seed offline, replicate over NBD (incremental from the stream's snapshot), then an
+    offline increment into the network DR, then the network again: never a full copy."""
+    p, d = make_server("p"), make_server("d", serve_args=("--keep", "5", "--keep-min-age", "0"))
+    write_random(p, 0, 8, tmp_path)
+    run_blockrep("snapshot", "create", p.vol, "--name", "s1", check=True)
+    send(p, "s1", "-o", tmp_path / "full")
+    assert receive(d, tmp_path / "full").returncode == 0
+    info = json.loads(run_blockrep("info", d.vol, "--json", check=True).stdout)
+    assert info["role"] == "dr" and info["bound_to"] == json.loads(
+        run_blockrep("info", p.vol, "--json", check=True).stdout)["uuid"]
+    write(p, 0x51, 30)
+    r = json.loads(run_blockrep("replicate", p.vol, "--to", d.uri, "--json", check=True).stdout)
+    assert r["mode"] == "incremental" and r["base"] == "s1" and r["bytes_sent"] <= 1 * MiB, r
+    write(p, 0x52, 40)
+    run_blockrep("snapshot", "create", p.vol, "--name", "s3", check=True)
+    send(p, "--from", r["snapshot"], "s3", "-o", tmp_path / "inc")  # the link is down: by courier
+    assert receive(d, tmp_path / "inc").returncode == 0, "a DR takes streams from its own primary"
+    assert digest(d, "s3") == digest(p, "s3")
+    write(p, 0x53, 50)
+    r = json.loads(run_blockrep("replicate", p.vol, "--to", d.uri, "--json", check=True).stdout)
+    assert r["mode"] == "incremental" and r["base"] == "s3" and r["bytes_sent"] <= 1 * MiB, r
+    # a stream of another volume is refused by this DR, with nothing changed
+    o = make_server("o")
+    write(o, 0x61, 0)
+    run_blockrep("snapshot", "create", o.vol, "--name", "o1", check=True)
+    send(o, "o1", "-o", tmp_path / "other")
+    before = [s["uuid"] for s in snapshots(d)]
+    assert "another primary" in one_error(receive(d, tmp_path / "other", "--force"))
+    assert [s["uuid"] for s in snapshots(d)] == before

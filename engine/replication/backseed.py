@@ -54,11 +54,15 @@ def confirm(question: str, yes: bool) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_head(vol: Path, force: bool) -> Iterator[str]:
+def exclusive_head(vol: Path, force: bool, stream_from: str | None = None) -> Iterator[str]:
     """The live export to ourselves: refused while other clients have it open (unless force);
-    yields the token of the `!restore` export this command writes through."""
+    yields the token of the `!restore` export this command writes through. stream_from: a
+    receive of a stream from that primary (DRServer.head_exclusive)."""
     token = P.new_token()
-    control.call(vol, "head_exclusive", token=token, pid=os.getpid(), force=force)
+    if stream_from is None:
+        control.call(vol, "head_exclusive", token=token, pid=os.getpid(), force=force)
+    else:
+        control.call(vol, "head_exclusive", token=token, pid=os.getpid(), force=force, stream_from=stream_from)
     try:
         yield token
     finally:

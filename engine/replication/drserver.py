@@ -256,6 +256,7 @@ class DRServer:
         self.heads_lock = threading.Lock()
         self.heads = {False: 0, True: 0}
         self.exclusive: tuple[str, int] | None = None
+        self.stream_from: str | None = None  # the holder is a receive of a stream from this primary
         self.path = vol.path / STATE
         self.state = self._load()
         rec = self.state.get("transfer")
@@ -311,12 +312,24 @@ class DRServer:
                 pass
         return ex
 
-    def head_exclusive(self, token: str, pid: int, force: bool = False) -> dict:
-        """Control op: the live export to one holder (restore, rollback): refused while other
-        clients have it open unless force; new clients are refused until head_release."""
+    def head_exclusive(self, token: str, pid: int, force: bool = False, stream_from: str | None = None) -> dict:
+        """Control op: the live export to one holder (restore, rollback, receive): refused while
+        other clients have it open unless force; new clients are refused until head_release.
+        stream_from: the holder is a receive of a stream sent from that primary volume, which may
+        write the head of a DR bound to it (a DR updated offline); no live transfer may run then."""
         P.parse(P.build("restore", token=token))  # a well-formed token
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise InvalidArgument("pid must be a process id")
+        if stream_from is not None:
+            with self.lock:
+                bound = self.state.get("bound_to")
+                if bound and bound != stream_from:
+                    raise InvalidArgument(f"this volume is a DR of another primary ({bound}); the stream is from "
+                                          f"{stream_from}")
+                t = self.transfer
+                if t is not None and t.live > 0:
+                    raise VolumeBusy(f"a transfer from the primary is in progress (snapshot {t.rec['name']}): "
+                                     "receive a stream when it is over")
         with self.heads_lock:
             ex = self._holder()
             if ex is not None and ex[0] != token:
@@ -325,7 +338,7 @@ class DRServer:
             if others and not force:
                 raise VolumeBusy(f"{others} client(s) are connected to the live export of {self.vol.path}: "
                                  "disconnect them (unmount, stop the VM) or --force")
-            self.exclusive = (token, pid)
+            self.exclusive, self.stream_from = (token, pid), stream_from
         log.info("live export held by pid %d (restore/rollback); %d other client(s) connected", pid, others)
         return {"others": others}
 
@@ -345,9 +358,10 @@ class DRServer:
                 log.info("live export released")
 
     def cmd_restore(self, token: str) -> Handle:
-        if self.bound:
-            self.refuse("restore", "this is a bound DR: its head is written by transfers only", _errno.EROFS)
         ex = self._holder()
+        if self.bound and not (ex is not None and ex[0] == token and self.stream_from == self.state["bound_to"]):
+            self.refuse("restore", "this is a bound DR: its head is written by transfers (and streams from "
+                        "its primary) only", _errno.EROFS)
         if ex is None or ex[0] != token:
             self.refuse("restore", "no restore holds the live export with this token", _errno.EPERM)
         with self.lock:
@@ -580,6 +594,35 @@ class DRServer:
             self._save()
             self.audit(f"promote complete: the live volume equals snapshot {pr['snapshot']}", CONTROL)
             return dict(pr)
+
+    def dr_received(self, primary: str, snapshot_uuid: str, base: str | None = None) -> dict:
+        """Control op after a receive created a snapshot from a stream of `primary`: this volume is
+        that primary's DR from now on (bound, the snapshot recorded as committed, for retention,
+        promote and the next network transfer, which is then incremental from it); an interrupted
+        network transfer is dropped (the head moved under it)."""
+        for u in (primary, snapshot_uuid, base):
+            if u is not None and (not isinstance(u, str) or not P.UUID_RE.fullmatch(u)):
+                raise InvalidArgument("primary, snapshot_uuid and base must be uuids")
+        with self.lock:
+            st = self.state
+            bound = st.get("bound_to")
+            if bound and bound != primary:
+                raise InvalidArgument(f"this volume is a DR of another primary ({bound})")
+            s = self.vol.snapshot_by_uuid(snapshot_uuid)
+            if not bound:
+                st["bound_to"], st["bound_at"] = primary, _now()
+                st["promoted"] = st["demoted"] = None
+            st["snapshots"][snapshot_uuid] = {"name": s["name"], "source": primary, "base": base,
+                                              "committed_at": _now(), "peer": "stream (blockrep receive)"}
+            t = self.transfer
+            if t is not None and t.live == 0:
+                t.close_writes()
+                self.transfer = None
+                (self.vol.path / MANIFEST).unlink(missing_ok=True)
+            self._save()
+            self.audit(f"received snapshot {s['name']} ({snapshot_uuid}) from a stream of primary {primary}"
+                       + ("" if bound else f": now a DR of {primary}"), CONTROL)
+            return {"bound_to": primary}
 
     def dr_demote(self, primary: str, safety_snapshot: str, force: bool = False) -> dict:
         """This volume becomes a DR of `primary` (a volume uuid): its live export turns read-only

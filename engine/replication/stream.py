@@ -24,12 +24,14 @@ from typing import BinaryIO
 import nbd
 import zstandard
 
+from .. import control
 from ..access import run_op
 from ..errors import AlreadyExists, BlockrepError, CorruptionError, InvalidArgument, NotFound
 from ..volume import read_params
 from . import protocol as P
 from .backseed import exclusive_head
 from .copy import CHUNK, plan_chunks
+from .drserver import read_role
 from .nbdio import connection
 from .replicate import source_server
 
@@ -218,6 +220,13 @@ def _check_target(vol: Path, h: dict, force: bool, progress: dict | None) -> lis
     params = read_params(vol)
     if h["size"] != params.size:
         raise StreamError(f"the stream is of a {h['size']}-byte volume; {vol} has {params.size} bytes")
+    role = read_role(vol)
+    if (role["promoted"] or {}).get("from") == h["volume"]:
+        raise InvalidArgument(f"{vol} was promoted (failover) from the stream's volume: it takes no more deltas "
+                              "from it; `blockrep demote` it first")
+    if role["bound_to"] and role["bound_to"] != h["volume"]:
+        raise InvalidArgument(f"{vol} is a DR of another primary ({role['bound_to']}); the stream is from "
+                              f"{h['volume']}")
     snaps = run_op(vol, "snapshot_list")
     if any(s["uuid"] == h["target"]["uuid"] for s in snaps):
         raise AlreadyExists(f"{vol} already holds snapshot {h['target']['name']} (that uuid): nothing to receive")
@@ -270,7 +279,7 @@ def receive(volume: str, inp: BinaryIO | None = None, *, force: bool = False) ->
     rec = {"target": h["target"]["uuid"], "base": (h.get("base") or {}).get("uuid"), "plan": h["plan"],
            "upto": h.get("resume_from", 0)}
     applied = 0
-    with source_server(vol) as dst, exclusive_head(vol, force) as token, \
+    with source_server(vol) as dst, exclusive_head(vol, force, stream_from=h["volume"]) as token, \
             connection(dst, P.build("restore", token=token), meta=False) as w:
         def save() -> None:
             w.flush()
@@ -301,7 +310,9 @@ def receive(volume: str, inp: BinaryIO | None = None, *, force: bool = False) ->
                               f"SOURCE {h['target']['name']} --resume {make_token(rec)} | blockrep receive {vol}"
                               ) from None
         w.flush()
-        snap = run_op(vol, "snapshot_create", name=h["target"]["name"], uuid=h["target"]["uuid"])
+        snap = run_op(vol, "snapshot_create", name=h["target"]["name"], uuid=h["target"]["uuid"], holder=token)
+        control.call(vol, "dr_received", primary=h["volume"], snapshot_uuid=snap["uuid"],
+                     base=(h.get("base") or {}).get("uuid"))
     with contextlib.suppress(OSError):
         prog_file.unlink()
     return {"snapshot": snap["name"], "uuid": snap["uuid"], "base": (h.get("base") or {}).get("name"),
