@@ -309,8 +309,10 @@ def cmd_demote(a) -> int:
     if a.json:
         _print_json(res)
     else:
-        print(f"demoted {a.volume}: now a DR of {res['primary']} (volume {res['bound_to']}; {res['related']}); "
-              f"its live export is read-only; what it held is snapshot {res['safety_snapshot']}")
+        base = (f"common base {res['common_base']}" if res["common_base"]
+                else "no common snapshot: the first transfer is a rebase")
+        print(f"demoted {a.volume}: now a DR of {res['primary']} (volume {res['bound_to']}; {base}); its live "
+              f"export is read-only; what it held is snapshot {res['safety_snapshot']}")
     return 0
 
 

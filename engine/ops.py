@@ -34,7 +34,12 @@ def _origin(s: dict) -> str:
 
 
 def _keep_safe(vol: Volume, snaps: list[dict]) -> dict[str, str]:
-    return retention.protected(snaps, rstate.load(vol.path)["targets"])
+    why = retention.protected(snaps, rstate.load(vol.path)["targets"])
+    from .replication.drserver import read_role
+    pr = read_role(vol.path)["promoted"]
+    if pr and pr.get("snapshot"):  # what the old primary holds too: failback's common base
+        why.setdefault(pr["snapshot"], "the snapshot this volume was promoted from (the base of failback)")
+    return why
 
 
 def snapshot_list(vol: Volume) -> list[dict]:

@@ -77,8 +77,11 @@ def test_failover_and_failback_of_an_ext4_end_to_end(make_server, tmp_path):
     p.start()
     r = run_blockrep("replicate", p.vol, "--to", d.uri, "--force")
     assert "promoted" in assert_one_error_line(r)
-    dem = blockrep_json("demote", p.vol, "--primary", d.uri)
-    assert dem["role"] == "dr" and role(p) == "dr" and "promoted from this volume" in dem["related"]
+    # its writes since s2 never reached the DR: demote says so, and sets them aside only with --force
+    assert "changed since" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri))
+    assert role(p) == "primary" and len(local_snapshots(p.vol)) == 2  # a refusal leaves nothing behind
+    dem = blockrep_json("demote", p.vol, "--primary", d.uri, "--force")
+    assert dem["role"] == "dr" and role(p) == "dr" and dem["common_base"] == s2 and dem["discarded_bytes"] > 0
     safety = dem["safety_snapshot"]
     r = sh("qemu-io", "-f", "raw", "-c", "write 0 4k", p.uri, check=False)
     assert r.returncode != 0  # a DR's live export is read-only
@@ -160,13 +163,23 @@ def test_promote_rolls_back_the_partial_delta_of_a_killed_transfer(make_server):
     assert digest(d.uri, 64 * MiB) == digest(snap_uri(d, s1), 64 * MiB)
     assert "PROMOTED" in (d.vol / "server.log").read_text()
     # the old primary, even with --force, is refused: by its own check, and by the DR itself when
-    # a key holder skips that check
+    # a key holder skips that check, under its own uuid or a made-up one
     assert "promoted" in assert_one_error_line(run_blockrep("replicate", p.vol, "--to", d.uri, "--force"))
     from engine.replication import protocol as P
-    prim = p.info()["uuid"]
-    assert refused(d.uri, P.build("begin", primary=prim, snap=str(uuid.uuid4()), name="forced",
-                                  base=None, token=P.new_token(), force=True))
-    assert "takes no more deltas from its old primary" in (d.vol / "server.log").read_text()
+    for prim in (p.info()["uuid"], str(uuid.uuid4())):
+        assert refused(d.uri, P.build("begin", primary=prim, snap=str(uuid.uuid4()), name="forced",
+                                      base=None, token=P.new_token(), force=True))
+    log = (d.vol / "server.log").read_text()
+    assert "takes no more deltas from its old primary" in log and "only a `blockrep demote`" in log
+    assert role(d) == "promoted"
+    # the snapshot it was promoted from is failback's base: retention keeps it
+    run_blockrep("snapshot", "prune", d.vol, "--keep", "0", check=True)
+    assert s1 in local_snapshots(d.vol)
+    # the old primary's interrupted transfer never resumes after failback (the DR rolled it back)
+    dem = blockrep_json("demote", p.vol, "--primary", d.uri, "--force")
+    targets = json.loads((p.vol / "replication.json").read_text())["targets"]
+    assert targets and all(not t.get("in_progress") for t in targets.values())
+    assert dem["common_base"] == s1
     # once is enough
     assert "already promoted" in assert_one_error_line(run_blockrep("promote", d.vol))
 
@@ -183,14 +196,21 @@ def test_promote_and_demote_refusals(make_server):
     assert "itself" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", p.uri))
     assert "is itself a DR" in assert_one_error_line(run_blockrep("demote", other.vol, "--primary", d.uri))
     assert "shares no snapshot" in assert_one_error_line(run_blockrep("demote", other.vol, "--primary", p.uri))
+    # a promote that stopped half way ("promoting"): the head stays read-only until it is finished
+    from engine import control
+    control.call(d.vol, "dr_promote", snapshot=None, force=False)
+    assert role(d) == "promoting"
+    assert sh("qemu-io", "-f", "raw", "-c", "write 0 4k", d.uri, check=False).returncode != 0
     blockrep_json("promote", d.vol)
+    assert role(d) == "promoted"
     h = p.connect()
-    assert "connected" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri))
-    h.pwrite(b"\1" * 4096, 0)  # the writer still writes: nothing was changed under it
     assert "read-write" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri, "--force"))
+    h.pwrite(b"\1" * 4096, 0)  # the writer still writes: nothing was changed under it
     p.close_handles()
-    assert role(p) == "primary"
-    blockrep_json("demote", p.vol, "--primary", d.uri)
+    assert role(p) == "primary" and len(local_snapshots(p.vol)) == 1  # no stray safety snapshot
+    # its head changed since the snapshot both hold: a plain demote would silently drop that write
+    assert "changed since" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri))
+    blockrep_json("demote", p.vol, "--primary", d.uri, "--force")
     assert "already a DR" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri))
     # an unrelated server with --force: bound, and its first transfer is a rebase
     blockrep_json("demote", other.vol, "--primary", d.uri, "--force")

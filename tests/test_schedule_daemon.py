@@ -586,3 +586,20 @@ def test_a_down_target_is_retried_while_the_other_target_goes_on(make_server, sc
              re.findall(rf"(\S+) blockrep-schedule: \S+ -> {re.escape(gone)}: transfer of \S+ failed", s.log())]
     gaps = [(b - a).total_seconds() for a, b in zip(fails, fails[1:], strict=False)]
     assert gaps == sorted(gaps) or max(gaps) <= 5, gaps  # backoff: 1, 2, 4, 4 … seconds
+
+
+def test_a_demoted_volume_takes_no_scheduled_snapshots(make_server, sched):
+    """After failback the old primary is a DR: its schedule skips the slots (no snapshots of a
+    transfer's head, no shipping to a DR that refuses it) and says why."""
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    write(p, 0x21, 0)
+    run_blockrep("replicate", p.vol, "--to", d.uri, check=True)
+    run_blockrep("promote", d.vol, check=True)
+    run_blockrep("demote", p.vol, "--primary", d.uri, check=True)
+    before = len(snapshots(p.vol))
+    s = sched(volume_toml(p, every="1s") + target_toml(d)).start()
+    try:
+        s.wait_log(r"skipped the slot .* the volume is a DR", count=2, timeout=20)
+    finally:
+        assert s.stop()[0] == 0
+    assert len(snapshots(p.vol)) == before and "snapshot sched-" not in s.log()

@@ -292,6 +292,12 @@ class DRServer:
     def role(self) -> str:
         return role_of(self.state)
 
+    @property
+    def promoting(self) -> bool:
+        """A promote began and did not finish: the head is in between, read-only but to its holder."""
+        pr = self.state.get("promoted") or {}
+        return bool(pr) and not pr.get("complete")
+
     def audit(self, what: str, peer: str | None = None) -> None:
         log.info("DR %s [peer %s]", what, peer or self.peer())
 
@@ -333,7 +339,8 @@ class DRServer:
         with self.heads_lock:
             ex = self._holder()
             if ex is not None and ex[0] != token:
-                raise VolumeBusy(f"the live volume is already held by pid {ex[1]} (a restore or rollback)")
+                raise VolumeBusy(f"the live volume is already held by pid {ex[1]} (a restore, rollback, promote, "
+                                 "demote or receive)")
             others = self.heads[False]
             if others and not force:
                 raise VolumeBusy(f"{others} client(s) are connected to the live export of {self.vol.path}: "
@@ -371,12 +378,13 @@ class DRServer:
     def open_head(self, readonly: bool) -> Handle:
         ex = self._holder()
         if ex is not None:
-            self.refuse("the live export", f"being restored by pid {ex[1]}: try again when it is done",
+            self.refuse("the live export", f"being replaced by pid {ex[1]} (restore, rollback, promote, demote "
+                        "or receive): try again when it is done",
                         _errno.EBUSY)
-        if readonly or self.bound:  # no lock: a long commit must not hold up readers of the head
+        if readonly or self.bound or self.promoting:  # no lock: a long commit must not hold up readers
             return Head(self.vol, False, self)
         with self.lock:
-            writable = not self.bound
+            writable = not self.bound and not self.promoting
             if writable:
                 self.rw_heads += 1
             return Head(self.vol, writable, self)
@@ -455,6 +463,10 @@ class DRServer:
             bound = self.state.get("bound_to")
             if bound and bound != primary and not force:
                 self.refuse(what, f"this DR volume is bound to primary {bound}", _errno.EPERM)
+            if not bound and pr:
+                self.refuse(what, f"this volume was promoted (failover, from snapshot {pr['snapshot']}): its live "
+                            "data is in use; only a `blockrep demote` on this host makes it a DR again",
+                            _errno.EPERM)
             if not bound:
                 own = vol.stats()["live_blocks"] > 0 or snaps
                 if own and not force:
@@ -551,7 +563,7 @@ class DRServer:
             if pr and pr.get("complete"):
                 raise InvalidArgument(f"{self.vol.path} is already promoted (from snapshot {pr['snapshot']} at "
                                       f"{pr['at']}); its live volume is in use: `snapshot rollback` changes it")
-            if pr:  # a promote that did not finish: finish it, to the same snapshot
+            if pr and not st.get("bound_to"):  # a promote that did not finish: finish it, to the same snapshot
                 if snapshot is not None and snapshot != pr["snapshot"]:
                     raise InvalidArgument(f"an unfinished promote to snapshot {pr['snapshot']} is under way: "
                                           "run it again with that snapshot (or without --snapshot)")
@@ -624,9 +636,10 @@ class DRServer:
                        + ("" if bound else f": now a DR of {primary}"), CONTROL)
             return {"bound_to": primary}
 
-    def dr_demote(self, primary: str, safety_snapshot: str, force: bool = False) -> dict:
+    def dr_demote(self, primary: str, safety_snapshot: str | None = None, force: bool = False) -> dict:
         """This volume becomes a DR of `primary` (a volume uuid): its live export turns read-only
-        and takes that primary's transfers. The caller holds the head and took the safety snapshot."""
+        and takes that primary's transfers. The caller holds the head and took the safety snapshot;
+        without one (None) only the checks run, so a refusal leaves no snapshot behind."""
         if not isinstance(primary, str) or not P.UUID_RE.fullmatch(primary):
             raise InvalidArgument("primary must be a volume uuid")
         with self.lock:
@@ -641,6 +654,8 @@ class DRServer:
             if self.rw_heads:
                 raise VolumeBusy(f"{self.rw_heads} client(s) have the live export open read-write: disconnect "
                                  "them (unmount, stop the VM); a DR's head is written by transfers only")
+            if safety_snapshot is None:
+                return {"bound_to": bound}
             st["bound_to"], st["bound_at"] = primary, _now()
             st["demoted"] = {"at": st["bound_at"], "primary": primary,
                              "safety_snapshot": validate_snapshot_name(safety_snapshot)}
@@ -735,10 +750,14 @@ class DRServer:
 
 
 def role_of(state: dict) -> str:
-    """primary, dr or promoted, from a dr.json (REPLICATION.md §9)."""
+    """primary, dr, promoting (a promote that did not finish) or promoted, from a dr.json
+    (REPLICATION.md §9)."""
     if state.get("bound_to"):
         return "dr"
-    return "promoted" if state.get("promoted") else "primary"
+    pr = state.get("promoted")
+    if pr:
+        return "promoted" if pr.get("complete") else "promoting"
+    return "primary"
 
 
 def read_role(path: Path) -> dict:

@@ -289,7 +289,9 @@ class Run:
         resume, token = plan.resume_point(progress, snap["uuid"], base_uuid, p.mode, extents)
         if dr is None:
             token = None
-        elif token is None:
+        elif token is None or (dr.get("transfer") or {}).get("snapshot") != snap["uuid"]:
+            # nothing to resume unless the DR still holds this very transfer (it may have been
+            # promoted, rolled back, or replaced it since)
             resume, token = 0, P.new_token()
         shift = P.DELTA_SHIFT if p.mode == "incremental" else P.FULL_SHIFT
         total = sum(n for _, n in extents)

@@ -23,8 +23,9 @@ from .. import control
 from ..access import run_op
 from ..errors import InvalidArgument
 from ..volume import read_params
-from . import drclient
+from . import drclient, state
 from .backseed import _ship, _verify, exclusive_head, safety_snapshot
+from .drserver import read_role
 from .nbdio import TransferError
 from .replicate import source_server
 from .uris import redact_uri
@@ -50,15 +51,10 @@ def promote(volume: str, snapshot: str | None = None, *, force: bool = False, pr
             "bytes_zeroed": sent["bytes_zeroed"], "seconds": round(time.monotonic() - t0, 3)}
 
 
-def _related(own_uuid: str, own_snaps: set[str], peer: dict) -> str | None:
-    """Why the peer may be this volume's primary (None: no reason)."""
-    pr = peer.get("promoted") or {}
-    if pr.get("from") == own_uuid:
-        return "it was promoted from this volume"
-    common = [s["name"] for s in peer.get("snapshots") or [] if s["uuid"] in own_snaps]
-    if common:
-        return f"both hold snapshot {common[-1]}"
-    return None
+def _common(own: list[dict], peer: dict) -> dict | None:
+    """The newest of this volume's snapshots (oldest first) whose uuid the peer holds."""
+    theirs = {s["uuid"] for s in peer.get("snapshots") or []}
+    return next((s for s in reversed(own) if s["uuid"] in theirs), None)
 
 
 def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
@@ -81,15 +77,30 @@ def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
                               "a DR has its primary's size")
     if peer.get("role") == "dr":
         raise InvalidArgument(f"{primary_uri} is itself a DR (of {peer.get('bound_to')}): promote it first")
+    if read_role(vol)["bound_to"] == peer.get("volume"):
+        raise InvalidArgument(f"{vol} is already a DR of {primary_uri} (volume {peer.get('volume')})")
     with source_server(vol):
-        own = {s["uuid"] for s in run_op(vol, "snapshot_list")}
-        why = _related(params.uuid, own, peer)
-        if why is None and not force:
-            raise InvalidArgument(f"{primary_uri} (volume {peer.get('volume')}) shares no snapshot with {vol} and "
-                                  "was not promoted from it: its first transfer here would overwrite all of it "
+        own = run_op(vol, "snapshot_list")
+        base = _common(own, peer)
+        if base is None and not force:
+            raise InvalidArgument(f"{primary_uri} (volume {peer.get('volume')}) shares no snapshot with {vol}: its "
+                                  "first transfer here would compare both whole volumes and overwrite what differs "
                                   "(a rebase); --force binds it anyway")
+        changed = sum(e["length"] for e in run_op(vol, "changes_since", since=base["name"])) if base else 0
+        if changed and not force and base is not None:
+            raise InvalidArgument(f"{vol} changed since {base['name']}, the newest snapshot {primary_uri} holds "
+                                  f"({changed} bytes): the next transfer from it overwrites those writes. For a "
+                                  f"planned switch-over replicate them there first; after a failover (they never "
+                                  "reached the DR) --force keeps them in the safety snapshot only")
+        control.call(vol, "dr_demote", primary=peer["volume"], force=force)  # the checks, before any snapshot
         with exclusive_head(vol, force) as token:
             safety = safety_snapshot(vol, token)
             res = control.call(vol, "dr_demote", primary=peer["volume"], safety_snapshot=safety, force=force)
+        # a transfer of ours to the new primary that was interrupted before the roles changed must
+        # never resume: its prefix is gone from there (promote rolled it back)
+        for uri, t in state.load(vol)["targets"].items():
+            if t.get("dr_volume") == peer["volume"] and t.get("in_progress"):
+                state.set_target(vol, uri, in_progress=None)
     return {"role": "dr", "bound_to": res["bound_to"], "primary": redact_uri(primary_uri),
-            "related": why or "--force", "safety_snapshot": safety, "seconds": round(time.monotonic() - t0, 3)}
+            "common_base": base and base["name"], "discarded_bytes": changed, "safety_snapshot": safety,
+            "seconds": round(time.monotonic() - t0, 3)}

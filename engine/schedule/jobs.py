@@ -17,6 +17,7 @@ from ..errors import AlreadyExists, BlockrepError, InvalidArgument, Paused
 from ..freeze import quiesced
 from ..replication import drclient
 from ..replication import state as repl_state
+from ..replication.drserver import read_role
 from ..replication.plan import Conflict
 from ..replication.replicate import replicate
 from ..replication.retention import FLAG_REPLICATE
@@ -336,6 +337,16 @@ class VolumeWorker(threading.Thread):
     def take(self, slot: _dt.datetime, catch_up: bool) -> None:
         # A catch-up is named after the time it is taken: it holds that moment's data, not the slot's
         job, name = self.job, snapshot_name(utcnow() if catch_up else slot)
+        try:
+            role = read_role(job.path)
+        except BlockrepError as e:
+            role = {"role": "unknown", "bound_to": None}
+            log.warning("%s: %s", job.path, e)
+        if role["role"] in ("dr", "promoting"):  # its head is a transfer's, not an application's
+            log.warning("%s: skipped the slot %s: the volume is a DR (of %s) now; `blockrep promote` makes it "
+                        "a primary again", job.path, cal.iso(slot), role["bound_to"] or "a promote under way")
+            self.st.set(last_slot=slot, last_error="the volume is a DR: no snapshots are scheduled")
+            return
         try:
             self.ensure_served()
             self.in_hooks = True
