@@ -1,10 +1,12 @@
 """`blockrep attach URI [--read-only | --new-identity] [--mount DIR]` and `blockrep detach DEV|DIR`
 (issue 10 item 3): an NBD export as a block device on this host, mounted if asked.
 
-How (this kernel has no NBD driver, DESIGN §3): a private nbdkit `nbd` plugin connects to the
-URI (it speaks TLS-PSK, which nbdfuse's URIs may not carry: `tls-psk-file` is refused there) and
-serves it on a Unix socket; nbdfuse makes that a file; a loop device (`-P`: its partitions too)
-makes the file a block device. With `--new-identity` nbdkit's `cow` filter sits in front: writes
+How: a private nbdkit `nbd` plugin connects to the URI (it speaks TLS-PSK, which nbdfuse's URIs
+may not carry: `tls-psk-file` is refused there) and serves it on a Unix socket. Where the kernel
+has an NBD driver (nbd.ko loaded or loadable), `nbd-client -unix` makes that socket /dev/nbdN
+(its partitions appear as /dev/nbdNpK); otherwise (this host, DESIGN §3) nbdfuse makes it a file
+and a loop device (`-P`: its partitions too) makes the file a block device. BLOCKREP_ATTACH_MODE
+= kernel | fuse forces one. With `--new-identity` nbdkit's `cow` filter sits in front: writes
 go to a throw-away overlay (gone at detach) and identity.py gives every identifier on the copy a
 new value; the export itself is never written. `--read-only` refuses writes at every layer.
 
@@ -115,16 +117,10 @@ def attach(uri: str, *, read_only: bool = False, new_identity: bool = False, mou
         _wait_file(d / "nbdkit.pid", None, "the nbdkit proxy", log)
         st["nbdkit_pid"] = int((d / "nbdkit.pid").read_text())
         _save(d, st)
-        fuse = d / "fuse"
-        fuse.mkdir()
-        with open(d / "nbdfuse.log", "w") as lf:
-            proc = subprocess.Popen(["nbdfuse", *(["-r"] if read_only else []), "-P", str(d / "nbdfuse.pid"),
-                                     str(fuse / "disk"), f"nbd+unix:///?socket={sock}"],
-                                    stdout=lf, stderr=lf, stdin=subprocess.DEVNULL, start_new_session=True)
-        st["nbdfuse_pid"] = proc.pid
-        _save(d, st)
-        _wait_file(d / "nbdfuse.pid", proc, "nbdfuse", d / "nbdfuse.log")
-        dev = _sh("losetup", "-f", "--show", "-P", *(["-r"] if read_only else []), str(fuse / "disk")).strip()
+        if kernel_nbd():
+            dev = _nbd_client(sock, read_only, d, st)
+        else:
+            dev = _fuse_loop(sock, read_only, d, st)
         st["device"] = dev
         _save(d, st)
         parts = identity.rescan(dev)
@@ -144,6 +140,56 @@ def attach(uri: str, *, read_only: bool = False, new_identity: bool = False, mou
         with contextlib.suppress(BlockrepError, OSError):
             _undo(d, st)
         raise
+
+
+def kernel_nbd() -> bool:
+    """Whether this kernel has an NBD driver (loading nbd.ko if it must) and nbd-client is here."""
+    mode = os.environ.get("BLOCKREP_ATTACH_MODE", "")
+    if mode == "fuse":
+        return False
+    if not Path("/sys/module/nbd").exists() and shutil.which("modprobe"):
+        subprocess.run(["modprobe", "nbd", "max_part=16"], capture_output=True, timeout=60)
+    have = Path("/sys/module/nbd").exists() and shutil.which("nbd-client") is not None
+    if mode == "kernel" and not have:
+        raise AttachError("BLOCKREP_ATTACH_MODE=kernel, but this kernel has no NBD driver or nbd-client is missing")
+    return have
+
+
+def _nbd_client(sock: Path, read_only: bool, d: Path, st: dict) -> str:
+    """The proxy's socket as the first free /dev/nbdN (one another attach took meanwhile: the next)."""
+    tried = []
+    for sysdev in sorted(Path("/sys/block").glob("nbd*"), key=lambda p: int(p.name[3:] or 0)):
+        if (sysdev / "pid").exists() or (sysdev / "size").read_text().strip() != "0":
+            continue
+        dev = "/dev/" + sysdev.name
+        r = subprocess.run(["nbd-client", "-unix", str(sock), dev, "-b", "4096", *(["-readonly"] if read_only else [])],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            st["nbd_client"] = dev
+            _save(d, st)
+            return dev
+        tried.append(f"{dev}: {(r.stderr.strip().splitlines() or ['exit ' + str(r.returncode)])[-1]}")
+        if len(tried) >= 4:
+            break
+    raise AttachError("no /dev/nbdN could be connected" + (f" ({'; '.join(tried)})" if tried else
+                                                           " (all are in use)"))
+
+
+def _fuse_loop(sock: Path, read_only: bool, d: Path, st: dict) -> str:
+    """nbdfuse makes the proxy's socket a file, losetup -P a block device (no NBD driver here)."""
+    fuse = d / "fuse"
+    fuse.mkdir()
+    with open(d / "nbdfuse.log", "w") as lf:
+        proc = subprocess.Popen(["nbdfuse", *(["-r"] if read_only else []), "-P", str(d / "nbdfuse.pid"),
+                                 str(fuse / "disk"), f"nbd+unix:///?socket={sock}"],
+                                stdout=lf, stderr=lf, stdin=subprocess.DEVNULL, start_new_session=True)
+    st["nbdfuse_pid"] = proc.pid
+    _save(d, st)
+    _wait_file(d / "nbdfuse.pid", proc, "nbdfuse", d / "nbdfuse.log")
+    st["loop"] = dev = _sh("losetup", "-f", "--show", "-P", *(["-r"] if read_only else []),
+                           str(fuse / "disk")).strip()
+    _save(d, st)
+    return dev
 
 
 def _mountable(dev: str, parts: list[str]) -> str:
@@ -170,8 +216,10 @@ def _undo(d: Path, st: dict) -> None:
     """Tear an attachment down in reverse order; every step tolerates what is already gone."""
     if st.get("mountpoint") and os.path.ismount(st["mountpoint"]):
         _sh("umount", st["mountpoint"])
-    if st.get("device"):
-        subprocess.run(["losetup", "-d", st["device"]], capture_output=True, timeout=60)
+    if st.get("nbd_client"):
+        subprocess.run(["nbd-client", "-d", st["nbd_client"]], capture_output=True, timeout=60)
+    elif st.get("loop") or st.get("device"):
+        subprocess.run(["losetup", "-d", st.get("loop") or st["device"]], capture_output=True, timeout=60)
     fuse = d / "fuse"
     if fuse.exists():
         subprocess.run(["fusermount3", "-u", str(fuse)], capture_output=True, timeout=60)
