@@ -14,11 +14,18 @@ Then:
     guest printed on its console and with the contents the guest was told to write.
 
 The host running the tests has no nbd driver itself, hence the virtual machine.
+
+LVM (issue 10 item 3): a disk with an LVM PV holding ext4 and XFS LVs is replicated to a DR, and
+its DR snapshot attached on the host with `--new-identity`; the guest (whose kernel has
+device-mapper, which the host's lacks) connects both the DR snapshot and the copy's overlay,
+activates both VGs and mounts all four LVs side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -29,7 +36,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import BLOCKREP
+from conftest import BLOCKREP, run_blockrep
+from replhelp import replicate, snap_uri
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +56,7 @@ def _missing_prerequisites() -> str | None:
     if os.geteuid() != 0:
         return "needs root (losetup, mount)"
     for tool in ("qemu-system-x86_64", "nbdfuse", "fusermount3", "losetup", "e2fsck",
-                 "nbd-client", "busybox", "cpio", "modprobe"):
+                 "nbd-client", "busybox", "cpio", "modprobe", "lvm"):
         if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
             return f"{tool} not installed (run scripts/bootstrap.sh)"
     if not Path("/dev/fuse").exists():
@@ -105,7 +113,7 @@ def guest_image() -> dict[str, str]:
     return info
 
 
-def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "") -> str:
+def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "", extra: str = "") -> str:
     """Boot the test VM once; return its console output (it powers itself off)."""
     accel = os.environ.get("BLOCKREP_QEMU_ACCEL", "tcg")  # KVM is often absent or nested-broken
     cmd = [
@@ -118,7 +126,7 @@ def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "") -
         "-append",
         (
             f"console=ttyS0 panic=-1 loglevel=3 blockrep.host=10.0.2.2 blockrep.port={port} "
-            f"blockrep.mode={mode} blockrep.mib={RANDOM_MIB} blockrep.export={export}"
+            f"blockrep.mode={mode} blockrep.mib={RANDOM_MIB} blockrep.export={export} {extra}"
         ),
         "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
     ]
@@ -269,3 +277,82 @@ def test_kernel_nbd_client_writes_ext4(guest_image, tmp_path):
                 fuse.kill()
         if server.running:
             subprocess.run([_blockrep(), "stop", str(vol)], check=False, timeout=60)
+
+
+def _tcp_forward(port: int, log: Path, *plugin_args: str, read_only: bool = False) -> subprocess.Popen:
+    """nbdkit's nbd plugin on 127.0.0.1:port in front of a Unix-socket export (the guest reaches
+    the host's 127.0.0.1 as 10.0.2.2); its messages go to log."""
+    with open(log, "w") as lf:
+        proc = subprocess.Popen(["nbdkit", "-f", "-v", "-i", "127.0.0.1", "-p", str(port),
+                                 *(["-r"] if read_only else []), "nbd", *plugin_args],
+                                stdin=subprocess.DEVNULL, stdout=lf, stderr=lf)
+
+    def accepts() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return proc.poll() is not None
+    _wait_for(accepts, 20, f"nbdkit on 127.0.0.1:{port}")
+    assert proc.poll() is None, f"nbdkit on port {port} exited {proc.returncode}"
+    return proc
+
+
+def test_kernel_activates_lvm_of_a_new_identity_copy_beside_its_original(guest_image, make_server, tmp_path):
+    from test_attach import LVM_LETTERS, LVM_VG, digest, make_lvm_disk
+
+    p, d = make_server("p", size="512M"), make_server("d", size="512M")
+    r = run_blockrep("attach", p.uri, timeout=300)
+    assert r.returncode == 0, r.stderr
+    make_lvm_disk(r.stdout.strip(), tmp_path)
+    run_blockrep("detach", r.stdout.strip(), check=True)
+    snap_name = replicate(p.vol, d.uri, timeout=300)["snapshot"]
+    snap = snap_uri(d, snap_name)
+    before = digest(snap)
+    r = run_blockrep("attach", snap, "--new-identity", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)
+    forwards: list[subprocess.Popen] = []
+    try:
+        ids = {c["type"]: c for c in st["identity"] if c["type"].startswith(("LVM2", "lvm-"))}
+        new_vg = ids["lvm-vg-name"]["new"]
+        assert ids["lvm-vg-name"]["old"] == LVM_VG and new_vg != LVM_VG
+        subprocess.run(["sync"], check=True)
+        ports = _free_port(), _free_port()
+        forwards.append(_tcp_forward(ports[0], tmp_path / "fwd-orig.log", f"socket={d.sock}", f"export=@{snap_name}",
+                                     read_only=True))
+        forwards.append(_tcp_forward(ports[1], tmp_path / "fwd-copy.log", f"socket={Path(st['dir']) / 'nbd.sock'}"))
+        t0 = time.monotonic()
+        console = _boot_guest(guest_image, ports[0], "lvm", extra=f"blockrep.port2={ports[1]}")
+        print(f"guest lvm boot: {time.monotonic() - t0:.1f} s")
+        (tmp_path / "console.txt").write_text(console)
+        _assert_guest_ok(console, "lvm")
+
+        pvs = {m[0]: m[1:] for m in re.findall(r"^BLOCKREP-PV: +(\S+) +(\S+) +(\S+) +(\S+)$", console, re.M)}
+        assert pvs == {
+            "/dev/nbd0p1": (ids["LVM2_member"]["old"], LVM_VG, ids["lvm-vg"]["old"]),
+            "/dev/nbd1p1": (ids["LVM2_member"]["new"], new_vg, ids["lvm-vg"]["new"]),
+        }, console  # no duplicate PV: the kernel host sees the copy's ids, the ones attach reported
+        lvs = {}  # vg/lv -> (filesystem UUID, TYPE), from the guest's blkid -p
+        for name, rest in re.findall(r"^BLOCKREP-LV: (\S+) (.*)$", console, re.M):
+            u, t = re.search(r"(?:^| )UUID=(\S+)", rest), re.search(r"(?:^| )TYPE=(\S+)", rest)
+            assert u and t, (name, rest)
+            lvs[name] = (u.group(1), t.group(1))
+        want = {f"{vg}/{lv}" for vg in (LVM_VG, new_vg) for lv in LVM_LETTERS}
+        assert set(lvs) == want, console
+        for lv in LVM_LETTERS:
+            (u1, t1), (u2, t2) = lvs[f"{LVM_VG}/{lv}"], lvs[f"{new_vg}/{lv}"]
+            assert t1 == t2 and u1 != u2, (lv, console)
+        letters = dict(re.findall(r"^BLOCKREP-LETTER: (\S+) (.*)$", console, re.M))
+        assert letters == {f"{vg}/{lv}": text for vg in (LVM_VG, new_vg) for lv, text in LVM_LETTERS.items()}, console
+    finally:
+        for f in forwards:
+            f.terminate()
+            try:
+                f.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                f.kill()
+        with contextlib.suppress(OSError):  # the attach proxy's messages, for a failed run
+            shutil.copy(Path(st["dir"]) / "nbdkit.log", tmp_path / "attach-proxy.log")
+        run_blockrep("detach", st["device"], check=True)
+    assert digest(snap) == before  # the guest wrote to the copy: only the overlay changed

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build (once, cached) a tiny busybox initramfs that boots Debian's kernel under qemu and drives the
-# kernel's own NBD client (nbd.ko + nbd-client) against a server on the host.
+# kernel's own NBD client (nbd.ko + nbd-client) against a server on the host, with lvm (lvm2) and
+# device-mapper to activate LVs, ext4 and XFS to mount them.
 #
 # Usage: tests/kernel/build_initramfs.sh [CACHE_DIR]
 #   CACHE_DIR defaults to $BLOCKREP_KERNEL_CACHE or tests/kernel/.cache (git-ignored).
@@ -35,12 +36,18 @@ NBD_CLIENT="$(command -v nbd-client || echo /usr/sbin/nbd-client)"
 MKE2FS="$(command -v mke2fs || echo /sbin/mke2fs)"
 E2FSCK="$(command -v e2fsck || echo /sbin/e2fsck)"
 [ -x "$MKE2FS" ] && [ -x "$E2FSCK" ] || die "e2fsprogs not found"
+LVM="$(command -v lvm || echo /sbin/lvm)"
+[ -x "$LVM" ] || die "lvm not found (apt-get install lvm2)"
+BLKID="$(command -v blkid || echo /sbin/blkid)"  # busybox-static has none
+[ -x "$BLKID" ] || die "blkid not found (apt-get install util-linux)"
+BINARIES=("$NBD_CLIENT" "$MKE2FS" "$E2FSCK" "$LVM" "$BLKID")
 
 # Modules the guest needs, each with its dependencies (modprobe -D prints them in load order).
-# virtio_pci + virtio_net: the NIC; nbd: the block device; ext4 (+ crc32c): the filesystem.
-WANT_MODULES=(virtio_pci virtio_net nbd crc32c_generic ext4)
+# virtio_pci + virtio_net: the NIC; nbd: the block device; ext4 (+ crc32c), xfs: the filesystems;
+# dm_mod: device-mapper, for LVM's LVs.
+WANT_MODULES=(virtio_pci virtio_net nbd crc32c_generic ext4 xfs dm_mod)
 declare -a MODFILES=()
-declare -A SEEN=()
+declare -A SEEN=() MODARGS=()
 for m in "${WANT_MODULES[@]}"; do
     deps="$(modprobe -S "$KVER" -D "$m" 2>/dev/null)" || die "modprobe -D $m failed for $KVER"
     while read -r verb path args; do
@@ -48,14 +55,18 @@ for m in "${WANT_MODULES[@]}"; do
         [ -n "${SEEN[$path]:-}" ] && continue
         SEEN[$path]=1
         MODFILES+=("$path")
+        MODARGS[$path]="$args"  # options from modprobe.d (nbd-client's: max_part=15)
     done <<< "$deps"
 done
+
+# The shared libraries of the binaries (what copy_with_libs copies).
+libs_of() { ldd "$@" | grep -o '/[^ ]*' | grep -v ':$' | sort -u; }
 
 # Cache key: everything that goes into the image.
 KEY="$( {
     echo "$KVER"
     cat "${BASH_SOURCE[0]}" "$INIT_SRC"
-    sha256sum "$BUSYBOX" "$NBD_CLIENT" "$MKE2FS" "$E2FSCK" "${MODFILES[@]}"
+    sha256sum "$BUSYBOX" "${BINARIES[@]}" $(libs_of "${BINARIES[@]}") "${MODFILES[@]}"
 } | sha256sum | cut -c1-16 )"
 mkdir -p "$CACHE"
 OUT="$CACHE/initramfs-$KEY.cpio.gz"
@@ -88,6 +99,8 @@ copy_with_libs() { # copy_with_libs SRC DEST_IN_ROOT
 copy_with_libs "$NBD_CLIENT" /sbin/nbd-client
 copy_with_libs "$MKE2FS" /sbin/mke2fs
 copy_with_libs "$E2FSCK" /sbin/e2fsck
+copy_with_libs "$LVM" /sbin/lvm
+copy_with_libs "$BLKID" /sbin/blkid
 ln -sf mke2fs "$ROOT/sbin/mkfs.ext4"
 [ -r /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$ROOT/etc/mke2fs.conf"
 # e2fsck looks these up; an empty mtab keeps it from complaining.
@@ -105,7 +118,10 @@ for path in "${MODFILES[@]}"; do
         *.ko)     name="$base";        cp "$path" "$ROOT/lib/modules/$name" ;;
         *) die "unexpected module file $path" ;;
     esac
-    echo "$name" >> "$ROOT/lib/modules/load.list"
+    args="${MODARGS[$path]}"
+    # nbd: partitions on /dev/nbdN (the LVM test's PVs are partitions), whatever modprobe.d says
+    [ "$name" = nbd.ko ] && [[ "$args" != *max_part=* ]] && args="$args max_part=15"
+    echo "$name $args" >> "$ROOT/lib/modules/load.list"
 done
 
 install -m 0755 "$INIT_SRC" "$ROOT/init"

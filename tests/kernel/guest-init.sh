@@ -4,15 +4,21 @@
 #   blockrep.host=10.0.2.2   NBD server address (qemu user networking: the host is 10.0.2.2)
 #   blockrep.port=10809      NBD server TCP port
 #   blockrep.export=         export name ("" = blockrep's live volume, "@NAME" = a snapshot)
-#   blockrep.mode=write      write: mkfs.ext4 + write files + manifest; verify: mount ro + check manifest
+#   blockrep.mode=write      write: mkfs.ext4 + write files + manifest; verify: mount ro + check manifest;
+#                            lvm: two disks with LVM (see lvm_mode below)
 #   blockrep.mib=8           size of the random file written in write mode
+#   blockrep.port2=          lvm mode: the second disk's NBD server port (same host)
+#   blockrep.export2=        lvm mode: the second disk's export name
 # Output markers on the console (each on its own line):
 #   BLOCKREP-MANIFEST: <sha256>  <name>   one per file written (write mode)
+#   BLOCKREP-PV: <pv> <pv uuid> <vg> <vg uuid>   lvm mode: every PV lvm sees
+#   BLOCKREP-LV: <vg>/<lv> <blkid -o export, one line>   lvm mode: every LV, activated
+#   BLOCKREP-LETTER: <vg>/<lv> <text>            lvm mode: the file `letter` in each LV, all mounted
 #   BLOCKREP-GUEST-OK mode=<mode>         success
 #   BLOCKREP-GUEST-FAIL: <reason>         failure
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
-# Debian's busybox-static runs its own applets before PATH (SH_STANDALONE): the e2fsprogs tools
-# and nbd-client copied from the host are therefore called by absolute path.
+# Debian's busybox-static runs its own applets before PATH (SH_STANDALONE): the e2fsprogs tools,
+# lvm, blkid and nbd-client copied from the host are therefore called by absolute path.
 
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -23,13 +29,13 @@ say() { echo "$@" > /dev/console 2>/dev/null || echo "$@"; }
 finish() { sync; poweroff -f; sleep 5; }
 fail() { say "BLOCKREP-GUEST-FAIL: $*"; finish; }
 
-BR_host=10.0.2.2 BR_port=10809 BR_export= BR_mode=write BR_mib=8
+BR_host=10.0.2.2 BR_port=10809 BR_export= BR_mode=write BR_mib=8 BR_port2= BR_export2=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         blockrep.*=*)
             key=${arg%%=*}; key=${key#blockrep.}; val=${arg#*=}
             case "$key" in
-                host|port|export|mode|mib) eval "BR_$key=\$val" ;;
+                host|port|export|mode|mib|port2|export2) eval "BR_$key=\$val" ;;
             esac ;;
     esac
 done
@@ -54,6 +60,66 @@ ip route add default via 10.0.2.2 || fail "ip route"
 i=0
 while [ ! -e /dev/nbd0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 [ -b /dev/nbd0 ] || fail "no /dev/nbd0 (nbd module not loaded?)"
+
+# lvm mode: /dev/nbd0 is a disk (read-only) and /dev/nbd1 its copy with a new identity, each a GPT
+# with an LVM PV in partition 1. Both VGs are activated (the original's LVs read-only) and every LV
+# is mounted at once, side by side: only distinct PV/VG UUIDs, VG names and filesystem UUIDs allow
+# that (XFS refuses a second filesystem with the same UUID). The copy's mounts are written to.
+lvmc() { # lvmc [READ-ONLY VG]: lvm's config here (no udev, no lvm.conf; only nbd partitions)
+    echo "devices{obtain_device_list_from_udev=0 use_devicesfile=0 hints=\"none\"" \
+         "filter=[\"a|^/dev/nbd[0-9]+p[0-9]+\$|\",\"r|.*|\"]}" \
+         "activation{udev_sync=0 udev_rules=0 verify_udev_operations=0 monitoring=0" \
+         "read_only_volume_list=[${1:+\"$1\"}]} global{use_lvmpolld=0} backup{backup=0 archive=0}"
+}
+lvm_mode() {
+    grep -q xfs /proc/filesystems || fail "xfs not available"
+    [ -e /dev/mapper/control ] || fail "no /dev/mapper/control (dm_mod not loaded?)"
+    mkdir -p /run/lock/lvm /run/lvm /etc/lvm
+    /sbin/nbd-client -N "$BR_export" -R -b 512 -t 60 "$BR_host" "$BR_port" /dev/nbd0 \
+        || fail "nbd-client connect to $BR_host:$BR_port"
+    /sbin/nbd-client -N "$BR_export2" -b 512 -t 60 "$BR_host" "$BR_port2" /dev/nbd1 \
+        || fail "nbd-client connect to $BR_host:$BR_port2"
+    # 512-byte sectors: the GPT was written with them (4096 would look for its header at 4 KiB).
+    # nbd scans the partition table at the next open after connecting: make that happen now.
+    blockdev --rereadpt /dev/nbd0 2>/dev/null; blockdev --rereadpt /dev/nbd1 2>/dev/null
+    i=0
+    while { [ ! -b /dev/nbd0p1 ] || [ ! -b /dev/nbd1p1 ]; } && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+    [ -b /dev/nbd0p1 ] && [ -b /dev/nbd1p1 ] || { cat /proc/partitions; fail "no partition 1 on nbd0 and nbd1"; }
+    /sbin/lvm pvs --config "$(lvmc)" --noheadings -o pv_name,pv_uuid,vg_name,vg_uuid > /tmp/pvs 2>/tmp/err \
+        || { cat /tmp/err; fail "lvm pvs"; }
+    cat /tmp/err  # a duplicate PV would be warned about here
+    while read -r line; do say "BLOCKREP-PV: $line"; done < /tmp/pvs
+    orig=$(/sbin/lvm pvs --config "$(lvmc)" --noheadings -o vg_name /dev/nbd0p1 2>/dev/null | tr -d ' ')
+    [ -n "$orig" ] || fail "no VG on /dev/nbd0p1"
+    /sbin/lvm vgchange --config "$(lvmc "$orig")" -ay > /tmp/vgchange 2>&1 \
+        || { cat /tmp/vgchange; fail "vgchange -ay"; }
+    /sbin/lvm lvs --config "$(lvmc)" --noheadings -o vg_name,lv_name > /tmp/lvs 2>/tmp/err \
+        || { cat /tmp/err; fail "lvm lvs"; }
+    while read -r vg lv; do
+        dev=/dev/mapper/$vg-$lv
+        [ -b "$dev" ] || fail "$vg/$lv activated but no $dev"
+        /sbin/blkid -p -o export "$dev" > /tmp/blkid || fail "blkid $vg/$lv"
+        say "BLOCKREP-LV: $vg/$lv $(tr '\n' ' ' < /tmp/blkid)"
+        type=$(sed -n 's/^TYPE=//p' /tmp/blkid)
+        opts=rw
+        [ "$vg" = "$orig" ] && opts=ro
+        mkdir -p "/mnt/$vg-$lv"
+        mount -t "$type" -o "$opts" "$dev" "/mnt/$vg-$lv" || fail "mount $vg/$lv ($type, $opts)"
+    done < /tmp/lvs
+    while read -r vg lv; do  # all mounted now
+        say "BLOCKREP-LETTER: $vg/$lv $(cat "/mnt/$vg-$lv/letter")"
+        if [ "$vg" != "$orig" ]; then
+            echo "the copy is writable" > "/mnt/$vg-$lv/scribble" || fail "write to $vg/$lv"
+        fi
+    done < /tmp/lvs
+    while read -r vg lv; do umount "/mnt/$vg-$lv" || fail "umount $vg/$lv"; done < /tmp/lvs
+    /sbin/lvm vgchange --config "$(lvmc)" -an > /tmp/vgchange 2>&1 || { cat /tmp/vgchange; fail "vgchange -an"; }
+    /sbin/nbd-client -d /dev/nbd0 || fail "nbd-client -d nbd0"
+    /sbin/nbd-client -d /dev/nbd1 || fail "nbd-client -d nbd1"
+    say "BLOCKREP-GUEST-OK mode=lvm"
+    finish
+}
+[ "$BR_mode" = lvm ] && lvm_mode
 
 ro=
 [ "$BR_mode" = verify ] && ro=-R
