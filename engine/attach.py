@@ -162,7 +162,9 @@ def _nbd_client(sock: Path, read_only: bool, d: Path, st: dict) -> str:
         if (sysdev / "pid").exists() or (sysdev / "size").read_text().strip() != "0":
             continue
         dev = "/dev/" + sysdev.name
-        r = subprocess.run(["nbd-client", "-unix", str(sock), dev, "-b", "4096", *(["-readonly"] if read_only else [])],
+        # 512-byte sectors, as a loop device or a VM disk has: a GPT made there sits at byte 512 and
+        # a small ext4 has 1 KiB blocks, neither of which a 4096-byte block device would read
+        r = subprocess.run(["nbd-client", "-unix", str(sock), dev, "-b", "512", *(["-readonly"] if read_only else [])],
                            capture_output=True, text=True, timeout=120)
         if r.returncode == 0:
             st["nbd_client"] = dev
@@ -216,6 +218,11 @@ def _undo(d: Path, st: dict) -> None:
     """Tear an attachment down in reverse order; every step tolerates what is already gone."""
     if st.get("mountpoint") and os.path.ismount(st["mountpoint"]):
         _sh("umount", st["mountpoint"])
+    if Path("/dev/mapper/control").exists() and shutil.which("lvm"):
+        # a host with device-mapper and udev may have activated the copy's renamed VG by itself
+        for c in st.get("identity") or []:
+            if c.get("type") == "lvm-vg-name" and c.get("new"):
+                subprocess.run(["lvm", "vgchange", "-an", c["new"]], capture_output=True, timeout=60)
     if st.get("nbd_client"):
         subprocess.run(["nbd-client", "-d", st["nbd_client"]], capture_output=True, timeout=60)
     elif st.get("loop") or st.get("device"):

@@ -113,7 +113,8 @@ def guest_image() -> dict[str, str]:
     return info
 
 
-def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "", extra: str = "") -> str:
+def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "", extra: str = "",
+                qemu_extra: tuple = ()) -> str:
     """Boot the test VM once; return its console output (it powers itself off)."""
     accel = os.environ.get("BLOCKREP_QEMU_ACCEL", "tcg")  # KVM is often absent or nested-broken
     cmd = [
@@ -128,7 +129,7 @@ def _boot_guest(image: dict[str, str], port: int, mode: str, export: str = "", e
             f"console=ttyS0 panic=-1 loglevel=3 blockrep.host=10.0.2.2 blockrep.port={port} "
             f"blockrep.mode={mode} blockrep.mib={RANDOM_MIB} blockrep.export={export} {extra}"
         ),
-        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
+        "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0", *qemu_extra,
     ]
     try:
         proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -356,3 +357,46 @@ def test_kernel_activates_lvm_of_a_new_identity_copy_beside_its_original(guest_i
             shutil.copy(Path(st["dir"]) / "nbdkit.log", tmp_path / "attach-proxy.log")
         run_blockrep("detach", st["device"], check=True)
     assert digest(snap) == before  # the guest wrote to the copy: only the overlay changed
+
+
+def test_attach_uses_the_kernel_nbd_client_where_the_kernel_has_one(guest_image, make_server, tmp_path):
+    """`blockrep attach` itself, run inside the guest (whose kernel has NBD) from the host's root
+    shared read-only over virtio-9p: it makes /dev/nbd0 with nbd-client (not nbdfuse + loop), gives
+    the copy a new ext4 UUID through its cow overlay, mounts it; `detach` disconnects it; the
+    export is never written."""
+    from test_attach import digest
+
+    p = make_server("p", size="128M", serve_args=("--listen", f"127.0.0.1:{(port := _free_port())}"))
+    host_uri = f"nbd://127.0.0.1:{port}/"
+    files = {"hello.txt": b"attached through the kernel's NBD client\n", "big.bin": os.urandom(3 << 20)}
+    r = run_blockrep("attach", host_uri, "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    dev = json.loads(r.stdout)["device"]
+    try:
+        subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+        uuid_before = subprocess.run(["blkid", "-s", "UUID", "-o", "value", dev], capture_output=True,
+                                     text=True, check=True).stdout.strip()
+        mnt = tmp_path / "m"
+        mnt.mkdir()
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        for name, data in files.items():
+            (mnt / name).write_bytes(data)
+        subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        run_blockrep("detach", dev, check=True)
+    before = digest(host_uri)
+    console = _boot_guest(guest_image, port, "attach", extra=f"blockrep.bin={BLOCKREP}",
+                          qemu_extra=("-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,"
+                                      "multidevs=remap"))
+    (tmp_path / "console.txt").write_text(console)
+    _assert_guest_ok(console, "attach")
+    m = re.search(r"^BLOCKREP-ATTACH: (.*)$", console, re.MULTILINE)
+    assert m, console
+    st = json.loads(m.group(1))
+    assert re.fullmatch(r"/dev/nbd\d+", st["device"]) and st.get("nbd_client") == st["device"], st
+    ext4 = [c for c in st["identity"] if c["type"] == "ext4"]
+    assert ext4 and ext4[0]["old"] == uuid_before and ext4[0]["new"] != uuid_before, st
+    seen = dict(reversed(m.groups()) for m in re.finditer(r"^BLOCKREP-FILE: ([0-9a-f]{64})  \./(\S+)$", console,
+                                                          re.MULTILINE))
+    assert seen == {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}, console
+    assert digest(host_uri) == before  # the copy's new UUID and its scribble stayed in the overlay

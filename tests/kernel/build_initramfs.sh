@@ -45,7 +45,7 @@ BINARIES=("$NBD_CLIENT" "$MKE2FS" "$E2FSCK" "$LVM" "$BLKID")
 # Modules the guest needs, each with its dependencies (modprobe -D prints them in load order).
 # virtio_pci + virtio_net: the NIC; nbd: the block device; ext4 (+ crc32c), xfs: the filesystems;
 # dm_mod: device-mapper, for LVM's LVs.
-WANT_MODULES=(virtio_pci virtio_net nbd crc32c_generic ext4 xfs dm_mod)
+WANT_MODULES=(virtio_pci virtio_net nbd crc32c_generic ext4 xfs dm_mod 9p 9pnet_virtio)
 declare -a MODFILES=()
 declare -A SEEN=() MODARGS=()
 for m in "${WANT_MODULES[@]}"; do

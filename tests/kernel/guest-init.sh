@@ -9,11 +9,16 @@
 #   blockrep.mib=8           size of the random file written in write mode
 #   blockrep.port2=          lvm mode: the second disk's NBD server port (same host)
 #   blockrep.export2=        lvm mode: the second disk's export name
+#   blockrep.bin=            attach mode: the blockrep command on the host's root (shared read-only
+#                            over virtio-9p, tag hostroot): `blockrep attach --new-identity --mount`
+#                            of the export runs in a chroot of it, through the kernel's NBD client
 # Output markers on the console (each on its own line):
 #   BLOCKREP-MANIFEST: <sha256>  <name>   one per file written (write mode)
 #   BLOCKREP-PV: <pv> <pv uuid> <vg> <vg uuid>   lvm mode: every PV lvm sees
 #   BLOCKREP-LV: <vg>/<lv> <blkid -o export, one line>   lvm mode: every LV, activated
 #   BLOCKREP-LETTER: <vg>/<lv> <text>            lvm mode: the file `letter` in each LV, all mounted
+#   BLOCKREP-ATTACH: <json>               attach mode: what `blockrep attach --json` printed
+#   BLOCKREP-FILE: <sha256>  <name>       attach mode: every file in the mounted copy
 #   BLOCKREP-GUEST-OK mode=<mode>         success
 #   BLOCKREP-GUEST-FAIL: <reason>         failure
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -29,13 +34,13 @@ say() { echo "$@" > /dev/console 2>/dev/null || echo "$@"; }
 finish() { sync; poweroff -f; sleep 5; }
 fail() { say "BLOCKREP-GUEST-FAIL: $*"; finish; }
 
-BR_host=10.0.2.2 BR_port=10809 BR_export= BR_mode=write BR_mib=8 BR_port2= BR_export2=
+BR_host=10.0.2.2 BR_port=10809 BR_export= BR_mode=write BR_mib=8 BR_port2= BR_export2= BR_bin=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         blockrep.*=*)
             key=${arg%%=*}; key=${key#blockrep.}; val=${arg#*=}
             case "$key" in
-                host|port|export|mode|mib|port2|export2) eval "BR_$key=\$val" ;;
+                host|port|export|mode|mib|port2|export2|bin) eval "BR_$key=\$val" ;;
             esac ;;
     esac
 done
@@ -120,6 +125,31 @@ lvm_mode() {
     finish
 }
 [ "$BR_mode" = lvm ] && lvm_mode
+
+# attach mode: blockrep's own `attach` on a kernel that has NBD (the host has none), run from the
+# host's root shared read-only over virtio-9p: it must choose nbd-client (/dev/nbdN), give the copy a
+# new identity through the cow overlay, mount it, and `detach` must undo all of it.
+attach_mode() {
+    mkdir -p /host
+    mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host || fail "9p mount of the host root"
+    mount -t proc proc /host/proc && mount -t sysfs sysfs /host/sys && mount -t devtmpfs devtmpfs /host/dev \
+        && mount -t tmpfs tmpfs /host/run && mount -t tmpfs tmpfs /host/tmp && mount -t tmpfs tmpfs /host/var/tmp \
+        || fail "mounts in the chroot"
+    uri="nbd://$BR_host:$BR_port/$BR_export"
+    chroot /host /bin/sh -c "cd /tmp && $BR_bin attach '$uri' --new-identity --mount /tmp/m --json" \
+        > /host/tmp/attach.json 2> /host/tmp/attach.err || { cat /host/tmp/attach.err; dmesg | tail -5; fail "blockrep attach"; }
+    say "BLOCKREP-ATTACH: $(tr -d '\n' < /host/tmp/attach.json)"
+    (cd /host/tmp/m && find . -type f ! -name '*.sha256' | sort | while read -r f; do sha256sum "$f"; done) \
+        > /tmp/files || fail "reading the mounted copy"
+    while read -r line; do say "BLOCKREP-FILE: $line"; done < /tmp/files
+    echo scribble > /host/tmp/m/scribble || fail "the copy is not writable"
+    chroot /host "$BR_bin" detach /tmp/m > /tmp/detach 2>&1 || { cat /tmp/detach; fail "blockrep detach"; }
+    grep -q " /host/tmp/m " /proc/mounts && fail "still mounted after detach"
+    [ -e /sys/block/nbd0/pid ] && fail "/dev/nbd0 still connected after detach"
+    say "BLOCKREP-GUEST-OK mode=attach"
+    finish
+}
+[ "$BR_mode" = attach ] && attach_mode
 
 ro=
 [ "$BR_mode" = verify ] && ro=-R
