@@ -366,7 +366,8 @@ def test_attach_uses_the_kernel_nbd_client_where_the_kernel_has_one(guest_image,
     export is never written."""
     from test_attach import digest
 
-    p = make_server("p", size="128M", serve_args=("--listen", f"127.0.0.1:{(port := _free_port())}"))
+    port = _free_port()
+    make_server("p", size="128M", serve_args=("--listen", f"127.0.0.1:{port}"))  # stopped at teardown
     host_uri = f"nbd://127.0.0.1:{port}/"
     files = {"hello.txt": b"attached through the kernel's NBD client\n", "big.bin": os.urandom(3 << 20)}
     r = run_blockrep("attach", host_uri, "--json", timeout=300)
