@@ -236,11 +236,13 @@ def cmd_replicate(a) -> int:
             raise InvalidArgument("--freeze/--pre/--post apply to the snapshot replicate takes: drop --snapshot")
     if (a.connections is not None and a.connections < 1) or a.in_flight < 1:
         raise InvalidArgument("--connections and --in-flight must be at least 1")
+    if not 0 <= a.retries <= 100:
+        raise InvalidArgument("--retries must be 0 to 100")
     try:
         res = replicate(a.volume, a.to, snapshot=a.snapshot, keep_local=a.keep_local, keep_remote=a.keep_remote,
                         rate=a.rate, full=a.full, force=a.force, wait=a.wait, freeze=a.freeze, pre=a.pre,
                         post=a.post, progress=sys.stderr.isatty() and not a.json,
-                        connections=a.connections, in_flight=a.in_flight,
+                        connections=a.connections, in_flight=a.in_flight, retries=a.retries,
                         keep_remote_gfs=_gfs_args(a, "keep_remote"))
     except BlockrepError as e:
         if a.json:
@@ -554,6 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "on a 100 Mbit/s link; one without multi-conn always gets 1)")
     rp.add_argument("--in-flight", type=int, default=64, metavar="N",
                     help="requests in flight per connection (default 64)")
+    rp.add_argument("--retries", type=int, default=6, metavar="N",
+                    help="retry a transient failure N times, after 1, 2, 4 … 30 s (default 6: about a minute)")
 
     rs = _command(sub, "restore", cmd_restore,
                   "back seed: rebuild the live volume from a DR snapshot, writing only what differs", json=True)

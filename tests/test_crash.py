@@ -349,7 +349,7 @@ def test_sigkill_200_times(make_server):
     seed = _seed(random.randrange(1 << 30))
     s = make_server(size="32M", create_args=["--segment-size", "1M"])
     kills = 200
-    times = crash_loop(s, seed, kills, 32 * MiB, ops_range=(5, 600))
+    times = crash_loop(s, seed, kills, 32 * MiB, ops_range=(5, 400), offline_every=10)
     p50, p99 = _report(times, kills, s)
     assert p99 < 10, f"recovery p99 {p99:.2f}s"
 
