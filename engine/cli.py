@@ -408,6 +408,9 @@ def cmd_status(a) -> int:
         _print_json(rows)
     elif not rows:
         print("no replication targets yet")
+    elif rows[0]["volume_role"] in ("dr", "promoting"):
+        print(f"{a.volume} is a DR now (role {rows[0]['volume_role']}): its targets are inactive until "
+              "`blockrep promote` makes it a primary again")
     for r in rows if not a.json else []:
         rpo = f"{r['rpo_seconds']} s" if r["rpo_seconds"] is not None else "-"
         pend = format_size(r["pending_bytes"]) if r["pending_bytes"] is not None else "-"
@@ -418,7 +421,8 @@ def cmd_status(a) -> int:
             line += f", last failure {bad['at']}: {bad.get('error')}"
         print(line)
     if a.max_rpo is not None:
-        late = [r["target"] for r in rows if r["rpo_seconds"] is None or r["rpo_seconds"] > a.max_rpo]
+        late = [r["target"] for r in rows if r["state"] != "inactive"
+                and (r["rpo_seconds"] is None or r["rpo_seconds"] > a.max_rpo)]
         if late:
             print(f"blockrep: error: RPO above {a.max_rpo} s for {', '.join(late)}", file=sys.stderr)
             return 2  # apart from 1 (the command failed): monitoring tells "behind" from "broken"

@@ -83,6 +83,9 @@ def test_failover_and_failback_of_an_ext4_end_to_end(make_server, tmp_path):
     dem = blockrep_json("demote", p.vol, "--primary", d.uri, "--force")
     assert dem["role"] == "dr" and role(p) == "dr" and dem["common_base"] == s2 and dem["discarded_bytes"] > 0
     safety = dem["safety_snapshot"]
+    rows = json.loads(run_blockrep("status", p.vol, "--json", check=True).stdout)
+    assert rows and all(r["state"] == "inactive" and r["volume_role"] == "dr" for r in rows), rows
+    assert run_blockrep("status", p.vol, "--max-rpo", "1").returncode == 0  # a DR is not behind
     r = sh("qemu-io", "-f", "raw", "-c", "write 0 4k", p.uri, check=False)
     assert r.returncode != 0  # a DR's live export is read-only
 
