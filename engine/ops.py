@@ -18,12 +18,19 @@ from .volume import BLOCK, Volume, default_snapshot_name, validate_snapshot_name
 
 
 def snapshot_create(vol: Volume, name: str | None = None, tag: bool = False, uuid: str | None = None,
-                    holder: str | None = None) -> dict:
+                    holder: str | None = None, created: str | None = None) -> dict:
     """tag: made by `replicate` (retention may prune it with --keep-local); uuid: an identity to
     carry (restore gives the head the identity of the DR snapshot it now equals); holder: the
     token of a restore/rollback/promote holding the head (a server refuses other snapshots then:
-    DRServer.snapshot_create; a volume nobody serves has no holder)."""
-    return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name),
+    DRServer.snapshot_create; a volume nobody serves has no holder); created: ISO 8601 time to
+    record instead of now (a received stream's snapshot keeps its source's)."""
+    ns = None
+    if created is not None:
+        try:
+            ns = int(rstate.parse_time(created).timestamp() * 1e9)
+        except (TypeError, ValueError, AttributeError, OverflowError):
+            raise InvalidArgument(f"created must be an ISO 8601 time, not {str(created)[:40]!r}") from None
+    return vol.snapshot_create(default_snapshot_name() if name is None else validate_snapshot_name(name), ns,
                                flags=retention.FLAG_REPLICATE if tag else 0, uuid=uuid)
 
 

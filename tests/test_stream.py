@@ -201,6 +201,9 @@ def test_a_stream_seeded_replica_continues_over_the_network_and_back(make_server
     send(p, "--from", r["snapshot"], "s3", "-o", tmp_path / "inc")  # the link is down: by courier
     assert receive(d, tmp_path / "inc").returncode == 0, "a DR takes streams from its own primary"
     assert digest(d, "s3") == digest(p, "s3")
+    created = {s["name"]: s["created"] for s in snapshots(p)}
+    assert {s["name"]: s["created"] for s in snapshots(d) if s["name"] in ("s1", "s3")} == \
+        {n: created[n] for n in ("s1", "s3")}  # when they were taken at the source, not received
     write(p, 0x53, 50)
     r = json.loads(run_blockrep("replicate", p.vol, "--to", d.uri, "--json", check=True).stdout)
     assert r["mode"] == "incremental" and r["base"] == "s3" and r["bytes_sent"] <= 1 * MiB, r

@@ -32,6 +32,7 @@ from . import protocol as P
 from .backseed import exclusive_head
 from .copy import CHUNK, plan_chunks
 from .drserver import read_role
+from .state import parse_time
 from .nbdio import connection
 from .replicate import source_server
 
@@ -220,6 +221,12 @@ def _check_target(vol: Path, h: dict, force: bool, progress: dict | None) -> lis
     params = read_params(vol)
     if h["size"] != params.size:
         raise StreamError(f"the stream is of a {h['size']}-byte volume; {vol} has {params.size} bytes")
+    created = h["target"].get("created")
+    try:
+        if created is not None:
+            parse_time(created).timestamp()
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        raise StreamError(f"the stream's header has a bad creation time {str(created)[:40]!r}") from None
     role = read_role(vol)
     if (role["promoted"] or {}).get("from") == h["volume"]:
         raise InvalidArgument(f"{vol} was promoted (failover) from the stream's volume: it takes no more deltas "
@@ -310,7 +317,8 @@ def receive(volume: str, inp: BinaryIO | None = None, *, force: bool = False) ->
                               f"SOURCE {h['target']['name']} --resume {make_token(rec)} | blockrep receive {vol}"
                               ) from None
         w.flush()
-        snap = run_op(vol, "snapshot_create", name=h["target"]["name"], uuid=h["target"]["uuid"], holder=token)
+        snap = run_op(vol, "snapshot_create", name=h["target"]["name"], uuid=h["target"]["uuid"], holder=token,
+                      created=h["target"].get("created"))
         control.call(vol, "dr_received", primary=h["volume"], snapshot_uuid=snap["uuid"],
                      base=(h.get("base") or {}).get("uuid"))
     with contextlib.suppress(OSError):
