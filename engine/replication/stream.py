@@ -32,9 +32,9 @@ from . import protocol as P
 from .backseed import exclusive_head
 from .copy import CHUNK, plan_chunks
 from .drserver import read_role
-from .state import parse_time
 from .nbdio import connection
 from .replicate import source_server
+from .state import parse_time
 
 MAGIC = b"BLOCKREP-STREAM\0"
 VERSION = 1
