@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import json
 import struct
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -119,14 +122,13 @@ def send(volume: str, to_name: str | None, from_name: str | None = None, out: Bi
         "target": {"name": target["name"], "uuid": target["uuid"], "created": target["created"]},
         "plan": plan, "resume_from": start, "chunk": CHUNK}).encode()
     out.write(MAGIC + struct.pack("<II", VERSION, len(header)) + header + _dig(header))
-    cctx = zstandard.ZstdCompressor(level=level)
     chain, records, data_bytes, wire = bytes(DIG), 0, 0, 0
     with source_server(vol) as src, connection(src, "@" + target["name"]) as h:
-        for _plan_off, off, n, zero in plan_chunks(h, extents, start):
-            if zero:
-                payload, kind = b"", ZERO
+        for off, n, payload in _compressed(h, plan_chunks(h, extents, start), level):
+            kind = ZERO if payload is None else DATA
+            if payload is None:
+                payload = b""
             else:
-                payload, kind = cctx.compress(h.pread(n, off)), DATA
                 data_bytes += n
             head = REC.pack(kind, 0, 0, len(payload), off, n)
             d = _dig(head + payload)
@@ -140,6 +142,29 @@ def send(volume: str, to_name: str | None, from_name: str | None = None, out: Bi
     out.flush()
     return {"snapshot": target["name"], "base": base and base["name"], "records": records,
             "data_bytes": data_bytes, "stream_bytes": wire + len(header) + 48 + len(end)}
+
+
+def _compressed(h, chunks, level: int, workers: int = 2, depth: int = 8):
+    """(offset, length, zstd payload or None for a hole) in plan order, reading the next chunks
+    while earlier ones compress on `workers` threads (python-zstandard releases the GIL; one
+    compressor per thread: they are not thread-safe). At most `depth` chunks are in memory."""
+    local = threading.local()
+
+    def compress(data: bytes) -> bytes:
+        c = getattr(local, "cctx", None)
+        if c is None:
+            c = local.cctx = zstandard.ZstdCompressor(level=level)
+        return c.compress(data)
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="blockrep-send") as pool:
+        for _plan_off, off, n, zero in chunks:
+            pending.append((off, n, None if zero else pool.submit(compress, h.pread(n, off))))
+            if len(pending) >= depth:
+                o, k, fut = pending.popleft()
+                yield o, k, None if fut is None else fut.result()
+        while pending:
+            o, k, fut = pending.popleft()
+            yield o, k, None if fut is None else fut.result()
 
 
 # ---------------------------------------------------------------- receive
