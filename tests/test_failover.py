@@ -218,3 +218,25 @@ def test_promote_and_demote_refusals(make_server):
     # an unrelated server with --force: bound, and its first transfer is a rebase
     blockrep_json("demote", other.vol, "--primary", d.uri, "--force")
     assert role(other) == "dr"
+
+
+def test_promote_force_stops_a_live_transfer_which_then_says_why(make_server):
+    p, d = make_server("p"), make_server("d", serve_args=DR_ARGS)
+    sh("qemu-io", "-f", "raw", "-c", "write -P 1 0 4M", p.uri)
+    s1 = replicate(p.vol, d.uri)["snapshot"]
+    sh("qemu-io", "-f", "raw", "-c", "write -P 2 0 16M", p.uri)
+    bg = _replicate_in_background(p, d, "--rate", "2M", "--retries", "1")
+    try:
+        wait_for(lambda: (_dr_transfer(d) or {}).get("name") is not None and bg.poll() is None, timeout=30,
+                 what="the transfer to begin at the DR")
+        time.sleep(1)
+        res = blockrep_json("promote", d.vol, "--force")
+        assert res["snapshot"] == s1
+        out, err = bg.communicate(timeout=120)
+    finally:
+        bg.kill()
+        bg.wait()
+    assert bg.returncode == 1 and err.count("blockrep: error:") == 1 and "Traceback" not in err, err
+    assert "promoted" in err, err  # not a bare "Operation not permitted"
+    assert digest(d.uri, 64 * MiB) == digest(snap_uri(d, s1), 64 * MiB)
+    assert "its transfer stopped" in (d.vol / "server.log").read_text()

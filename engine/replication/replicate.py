@@ -363,8 +363,24 @@ class Run:
             return self._retrying(attempt, "transfer", show)
         except TransferError as e:
             show.done()
+            why = self._dr_changed_role()
             raise TransferError(f"replication of {snap['name']} to {self.to} failed after "
-                                f"{getattr(e, 'attempts', 1)} attempt(s): {e}", transient=e.transient) from None
+                                f"{getattr(e, 'attempts', 1)} attempt(s): {why or e}", transient=e.transient) from None
+
+    def _dr_changed_role(self) -> str | None:
+        """If the DR was promoted (or rebound) while this run wrote to it, say so: its refusal of
+        our writes (EPERM) would otherwise read as a disk or permission error."""
+        try:
+            dr = drclient.hello(self.to)
+        except (BlockrepError, OSError):
+            return None
+        pr = dr.get("promoted") or {}
+        if pr.get("from") == self.params.uuid:
+            return (f"the DR was promoted (failover, from snapshot {pr.get('snapshot')} at {pr.get('at')}) during "
+                    "this transfer: it takes no more deltas from this volume")
+        if dr.get("bound_to") not in (None, self.params.uuid):
+            return f"the DR was bound to another primary ({dr.get('bound_to')}) during this transfer"
+        return None
 
     def check_and_commit(self, src, snap, session, mine: bytes, shift: int, runs, keep_remote, sent) -> dict:
         """Send the manifest and commit: the DR verifies every touched chunk itself. If it refuses,
