@@ -206,11 +206,18 @@ def test_promote_and_demote_refusals(make_server):
     assert sh("qemu-io", "-f", "raw", "-c", "write 0 4k", d.uri, check=False).returncode != 0
     blockrep_json("promote", d.vol)
     assert role(d) == "promoted"
+    # nor does it take a stream (its old primary's or any other): its live data is in use
+    sh("qemu-io", "-f", "raw", "-c", "write -P 7 2M 1M", p.uri)
+    run_blockrep("snapshot", "create", p.vol, "--name", "later", check=True)
+    stream = p.vol.parent / "later.bs"
+    run_blockrep("send", p.vol, "--from", local_snapshots(p.vol)[0], "later", "-o", stream, check=True)
+    assert "promoted" in assert_one_error_line(run_blockrep("receive", d.vol, "-i", stream, "--force"))
+    run_blockrep("snapshot", "rollback", p.vol, local_snapshots(p.vol)[0], "--yes", check=True)
     h = p.connect()
     assert "read-write" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri, "--force"))
     h.pwrite(b"\1" * 4096, 0)  # the writer still writes: nothing was changed under it
     p.close_handles()
-    assert role(p) == "primary" and len(local_snapshots(p.vol)) == 1  # no stray safety snapshot
+    assert role(p) == "primary" and len(local_snapshots(p.vol)) == 3  # no stray safety snapshot (later, rollback's)
     # its head changed since the snapshot both hold: a plain demote would silently drop that write
     assert "changed since" in assert_one_error_line(run_blockrep("demote", p.vol, "--primary", d.uri))
     blockrep_json("demote", p.vol, "--primary", d.uri, "--force")

@@ -346,7 +346,8 @@ class DRServer:
                 raise VolumeBusy(f"{others} client(s) are connected to the live export of {self.vol.path}: "
                                  "disconnect them (unmount, stop the VM) or --force")
             self.exclusive, self.stream_from = (token, pid), stream_from
-        log.info("live export held by pid %d (restore/rollback); %d other client(s) connected", pid, others)
+        log.info("live export held by pid %d (restore, rollback, promote, demote or receive); %d other client(s) "
+                 "connected", pid, others)
         return {"others": others}
 
     def snapshot_create(self, holder: str | None = None, **args) -> dict:

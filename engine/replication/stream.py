@@ -253,9 +253,9 @@ def _check_target(vol: Path, h: dict, force: bool, progress: dict | None) -> lis
     except (TypeError, ValueError, AttributeError, OverflowError):
         raise StreamError(f"the stream's header has a bad creation time {str(created)[:40]!r}") from None
     role = read_role(vol)
-    if (role["promoted"] or {}).get("from") == h["volume"]:
-        raise InvalidArgument(f"{vol} was promoted (failover) from the stream's volume: it takes no more deltas "
-                              "from it; `blockrep demote` it first")
+    if role["role"] in ("promoted", "promoting"):  # its live data is in use: a receive would make it a DR
+        raise InvalidArgument(f"{vol} was promoted (failover, from {(role['promoted'] or {}).get('from')}): its live "
+                              "volume is in use and takes no stream; `blockrep demote` it first")
     if role["bound_to"] and role["bound_to"] != h["volume"]:
         raise InvalidArgument(f"{vol} is a DR of another primary ({role['bound_to']}); the stream is from "
                               f"{h['volume']}")
