@@ -63,32 +63,33 @@ def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
     t0 = time.monotonic()
     vol = Path(volume).resolve()
     params = read_params(vol)
+    shown = redact_uri(primary_uri)
     try:
         info, is_br = drclient.is_blockrep(primary_uri)
     except TransferError as e:
         raise TransferError(f"the new primary is unreachable: {e}", transient=False) from None
     if not is_br:
-        raise InvalidArgument(f"{primary_uri} is not a blockrep server: a DR is bound to a blockrep volume")
+        raise InvalidArgument(f"{shown} is not a blockrep server: a DR is bound to a blockrep volume")
     peer = drclient.hello(primary_uri)
     if peer.get("volume") == params.uuid:
-        raise InvalidArgument(f"{primary_uri} is {vol} itself: a volume cannot be a DR of itself")
+        raise InvalidArgument(f"{shown} is {vol} itself: a volume cannot be a DR of itself")
     if peer.get("size") != params.size:
         raise InvalidArgument(f"the primary volume is {peer.get('size')} bytes, {vol} is {params.size}: "
                               "a DR has its primary's size")
     if peer.get("role") == "dr":
-        raise InvalidArgument(f"{primary_uri} is itself a DR (of {peer.get('bound_to')}): promote it first")
+        raise InvalidArgument(f"{shown} is itself a DR (of {peer.get('bound_to')}): promote it first")
     if read_role(vol)["bound_to"] == peer.get("volume"):
-        raise InvalidArgument(f"{vol} is already a DR of {primary_uri} (volume {peer.get('volume')})")
+        raise InvalidArgument(f"{vol} is already a DR of {shown} (volume {peer.get('volume')})")
     with source_server(vol):
         own = run_op(vol, "snapshot_list")
         base = _common(own, peer)
         if base is None and not force:
-            raise InvalidArgument(f"{primary_uri} (volume {peer.get('volume')}) shares no snapshot with {vol}: its "
+            raise InvalidArgument(f"{shown} (volume {peer.get('volume')}) shares no snapshot with {vol}: its "
                                   "first transfer here would compare both whole volumes and overwrite what differs "
                                   "(a rebase); --force binds it anyway")
         changed = sum(e["length"] for e in run_op(vol, "changes_since", since=base["name"])) if base else 0
         if changed and not force and base is not None:
-            raise InvalidArgument(f"{vol} changed since {base['name']}, the newest snapshot {primary_uri} holds "
+            raise InvalidArgument(f"{vol} changed since {base['name']}, the newest snapshot {shown} holds "
                                   f"({changed} bytes): the next transfer from it overwrites those writes. For a "
                                   f"planned switch-over replicate them there first; after a failover (they never "
                                   "reached the DR) --force keeps them in the safety snapshot only")
@@ -101,6 +102,6 @@ def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
         for uri, t in state.load(vol)["targets"].items():
             if t.get("dr_volume") == peer["volume"] and t.get("in_progress"):
                 state.set_target(vol, uri, in_progress=None)
-    return {"role": "dr", "bound_to": res["bound_to"], "primary": redact_uri(primary_uri),
+    return {"role": "dr", "bound_to": res["bound_to"], "primary": shown,
             "common_base": base and base["name"], "discarded_bytes": changed, "safety_snapshot": safety,
             "seconds": round(time.monotonic() - t0, 3)}
