@@ -533,6 +533,20 @@ class Soak:
             self.delete_or_prune()
 
     # ---- kills ----
+    def start_primary(self) -> None:
+        """serve the primary; while the private server of a replicate run that just ended (or was
+        killed: its nbdkit dies after it, with the parent-death signal) still holds the volume's
+        lock, `serve` says "in use by another process": that lasts as long as that nbdkit's exit."""
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.p.start()
+                return
+            except pytest.fail.Exception as e:
+                if self.run is not None or "in use by another process" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
     def restart_primary(self, why: str) -> None:
         self.disconnect()
         pid = int(self.p.pid_file.read_text())
@@ -551,11 +565,13 @@ class Soak:
                 self.violation(f"recovery after kill ({why}) reports damage: {rec}")
         t = time.monotonic()
         try:
-            self.p.start()
+            self.start_primary()
         except pytest.fail.Exception as e:
             # a replicate that started while the primary was down serves the volume privately for
-            # its run (one writer per volume): `serve` is refused until that run ends
-            if self.run is None or "already being served" not in str(e):
+            # its run (one writer per volume): `serve` is refused until that run ends (the refusal
+            # says "already being served", or "in use by another process" while that private
+            # server is still starting)
+            if self.run is None or not ("already being served" in str(e) or "in use by another process" in str(e)):
                 raise
             self.n["private_source"] += 1
             self.log(f"serve refused while the replicate of {self.run['snap']} serves the volume itself")
@@ -563,7 +579,7 @@ class Soak:
             if self.run is not None:
                 self.violation(f"replicate of {self.run['snap']} still runs 180 s after the primary's kill")
             t = time.monotonic()
-            self.p.start()
+            self.start_primary()
         self.recovery_times.append(time.monotonic() - t)
         h = self.connect()
         got = read_all(h)
