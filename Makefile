@@ -17,7 +17,7 @@ test: bootstrap
 	$(PY) -m pytest -q --durations=15 tests
 
 # RELIABILITY R19: the soak (mixed workload, snapshots, collector, replication, kills, link faults) for
-# DURATION seconds (default 300; `make test` runs it for 90); SEED=N replays a schedule (BLOCKREP_SOAK_SEED)
+# DURATION seconds (default 300; `make test` runs it for 75); SEED=N replays a schedule (BLOCKREP_SOAK_SEED)
 soak: bootstrap
 	BLOCKREP_SOAK_SECONDS=$(if $(filter command line environment,$(origin DURATION)),$(DURATION),300) \
 	$(if $(SEED),BLOCKREP_SOAK_SEED=$(SEED)) $(PY) -m pytest -q -s -rxX tests/test_soak.py

@@ -1,5 +1,5 @@
 """R19 soak: the real product under a mixed workload with snapshots, the collector, replication,
-kills and link faults, for BLOCKREP_SOAK_SECONDS (default 90 in `make test`; `make soak` runs 300,
+kills and link faults, for BLOCKREP_SOAK_SECONDS (default 75 in `make test`; `make soak` runs 300,
 `make soak DURATION=3600` an hour).
 
     primary (16 MiB, 1 MiB segments, `blockrep serve`)  ──`blockrep replicate --to`──►  DR (a second
@@ -61,7 +61,7 @@ from replhelp import KiB, MiB, connected, nbd_exports, uri
 
 from engine.volume import disk_usage
 
-SOAK_SECONDS = float(os.environ.get("BLOCKREP_SOAK_SECONDS", "90"))
+SOAK_SECONDS = float(os.environ.get("BLOCKREP_SOAK_SECONDS", "75"))
 SEED = int(os.environ.get("BLOCKREP_SOAK_SEED", "19190"))
 SIZE = 16 * MiB
 BS = 4096
