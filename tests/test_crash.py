@@ -207,8 +207,9 @@ class Workload:
         elif op.kind == "write":
             buf = b"".join(block_content(op.id, b) for b in range(op.lba, op.lba + op.n))
             self.bytes_written += len(buf)
-            cookie = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(buf)), op.lba * BS,
-                                  flags=flags)
+            # a plain buffer, not nbd.Buffer: libnbd 1.14's binding never releases an nbd.Buffer
+            # passed to aio_pwrite (measured: 5.5 GB held after 200 kills' worth of writes)
+            cookie = h.aio_pwrite(bytearray(buf), op.lba * BS, flags=flags)
         elif op.kind == "zero":
             cookie = h.aio_zero(op.n * BS, op.lba * BS, flags=flags)
         else:

@@ -303,7 +303,7 @@ def probe(t: Target) -> float:
         c = h.aio_pread(buf, 0)
         _wait(h, lambda: h.aio_command_completed(c), deadline, "read")
         assert buf.to_bytearray() == t.read_model(0, 4096)
-        c = h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(PROBE)), SCRATCH, flags=nbd.CMD_FLAG_FUA)
+        c = h.aio_pwrite(bytearray(PROBE), SCRATCH, flags=nbd.CMD_FLAG_FUA)
         _wait(h, lambda: h.aio_command_completed(c), deadline, "write")
         buf = nbd.Buffer(4096)
         c = h.aio_pread(buf, SCRATCH)
@@ -1112,7 +1112,7 @@ def test_nbd_disconnect_with_commands_in_flight(vol):
             h.aio_pread(nbd.Buffer(MiB), i * MiB % (8 * MiB))
         data = vol.read_model(4 * MiB, 64 * KiB)
         for _ in range(16):
-            h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), 4 * MiB)
+            h.aio_pwrite(bytearray(data), 4 * MiB)
         h.aio_disconnect(0)
         deadline = time.monotonic() + RAW_TIMEOUT
         while not h.aio_is_closed() and not h.aio_is_dead():
