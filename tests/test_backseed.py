@@ -194,6 +194,7 @@ def test_an_interrupted_restore_resumes_sending_only_what_did_not_arrive(make_se
     control.call(p.vol, "head_release", token="0" * 32)
     res = restore(p, d)
     assert res["resumed"] and res["safety_snapshot"] == safety[0]["name"], res
+    assert res["interim_snapshot"] and res["interim_snapshot"] != res["safety_snapshot"]  # the head as it was
     assert res["bytes_already_there"] >= 4 * MiB and res["bytes_sent"] <= 20 * MiB, res
     assert digest(p.uri, 64 * MiB) == digest(snap_uri(d, s), 64 * MiB)
     assert digest(snap_uri(p, res["safety_snapshot"]), 64 * MiB) == wrecked  # the undo point is the first one

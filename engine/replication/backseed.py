@@ -207,8 +207,11 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
         # before it began) and send only what did not arrive (below)
         resumed = pending.get("snapshot_uuid") == target["uuid"] and \
             any(s["name"] == pending.get("safety_snapshot") for s in local.values())
+        interim = None
         if resumed:
             safety = pending["safety_snapshot"]
+            # what the head holds now (half restored, or written since): never overwritten unkept
+            interim = safety_snapshot(vol, token)
         else:
             safety = safety_snapshot(vol, token)
             state.set_target(vol, uri, restoring={"snapshot": target["name"], "snapshot_uuid": target["uuid"],
@@ -243,7 +246,7 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
         state.set_target(vol, uri, kind="blockrep", snapshot=have["name"], snapshot_uuid=target["uuid"],
                          replicated_at=state.now(), in_progress=None, dr_volume=dr.get("volume"), restoring=None)
     return {"snapshot": target["name"], "uuid": target["uuid"], "safety_snapshot": safety, "mode": mode,
-            "resumed": resumed, "bytes_already_there": skipped,
+            "resumed": resumed, "bytes_already_there": skipped, "interim_snapshot": interim,
             "base": base and base["name"], "extents": len(extents), "bytes_sent": sent["bytes_sent"],
             "bytes_zeroed": sent["bytes_zeroed"], "local_snapshot": have["name"],
             "seconds": round(time.monotonic() - t0, 3)}
