@@ -259,6 +259,9 @@ def test_sigterm_mid_transfer_exits_0_quickly_and_the_next_start_resumes(make_se
     s = sched(text).start()
     s.wait_log(r"transfer of \S+ started", timeout=20)
     time.sleep(3.5)
+    deadline = time.monotonic() + 20  # under load: stop once some of it is confirmed, not on a timer
+    while in_progress(p, d).get("done_upto", 0) == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
     rc, took = s.stop()
     assert rc == 0 and took < 10, (rc, took)
     assert "paused (the scheduler is stopping)" in s.log()
