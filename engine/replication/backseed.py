@@ -176,17 +176,11 @@ def restore(volume: str, uri: str, snapshot: str | None = None, *, yes: bool = F
     t0 = time.monotonic()
     vol = Path(volume).resolve()
     params = read_params(vol)
-    try:
-        info, is_br = drclient.is_blockrep(uri)
-    except TransferError as e:
-        raise TransferError(f"DR unreachable: {e}", transient=False) from None
-    if not is_br:
-        raise InvalidArgument(f"{uri} is not a blockrep server: restore needs its snapshots by identity "
-                              "(for any other NBD export, copy it with nbdcopy)")
+    info, dr = drclient.blockrep_peer(uri, "DR unreachable", f"{uri} is not a blockrep server: restore needs its "
+                                      "snapshots by identity (for any other NBD export, copy it with nbdcopy)")
     if info["export"] != "":
         raise InvalidArgument(f"{uri} names the export {info['export']!r}: give the DR server itself and "
                               "--snapshot NAME")
-    dr = drclient.hello(uri)
     if dr.get("volume") == params.uuid:
         raise InvalidArgument(f"{uri} is {vol} itself: restore reads from a DR of it")
     if dr.get("size") != params.size:

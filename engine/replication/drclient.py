@@ -10,6 +10,7 @@ import json
 
 import nbd
 
+from ..errors import InvalidArgument
 from . import protocol as P
 from .nbdio import TransferError, close, connect, connection, export_description, read_all
 
@@ -20,6 +21,18 @@ def is_blockrep(uri: str) -> tuple[dict, bool]:
         info = {"size": h.get_size(), "read_only": h.is_read_only(), "description": export_description(h),
                 "export": h.get_export_name(), "multi_conn": h.can_multi_conn()}
     return info, info["description"].startswith("blockrep volume")
+
+
+def blockrep_peer(uri: str, unreachable: str, not_blockrep: str) -> tuple[dict, dict]:
+    """(export info, !hello reply) of a blockrep server; TransferError "UNREACHABLE: why" if it
+    cannot be reached, InvalidArgument(not_blockrep) if it is another kind of NBD server."""
+    try:
+        info, is_br = is_blockrep(uri)
+    except TransferError as e:
+        raise TransferError(f"{unreachable}: {e}", transient=False) from None
+    if not is_br:
+        raise InvalidArgument(not_blockrep)
+    return info, hello(uri)
 
 
 def _json(uri: str, export: str) -> dict:

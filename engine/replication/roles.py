@@ -26,7 +26,6 @@ from ..volume import read_params
 from . import drclient, state
 from .backseed import _ship, _verify, exclusive_head, safety_snapshot
 from .drserver import read_role
-from .nbdio import TransferError
 from .replicate import source_server
 from .uris import redact_uri
 
@@ -64,13 +63,8 @@ def demote(volume: str, primary_uri: str, *, force: bool = False) -> dict:
     vol = Path(volume).resolve()
     params = read_params(vol)
     shown = redact_uri(primary_uri)
-    try:
-        info, is_br = drclient.is_blockrep(primary_uri)
-    except TransferError as e:
-        raise TransferError(f"the new primary is unreachable: {e}", transient=False) from None
-    if not is_br:
-        raise InvalidArgument(f"{shown} is not a blockrep server: a DR is bound to a blockrep volume")
-    peer = drclient.hello(primary_uri)
+    _, peer = drclient.blockrep_peer(primary_uri, "the new primary is unreachable",
+                                     f"{shown} is not a blockrep server: a DR is bound to a blockrep volume")
     if peer.get("volume") == params.uuid:
         raise InvalidArgument(f"{shown} is {vol} itself: a volume cannot be a DR of itself")
     if peer.get("size") != params.size:
