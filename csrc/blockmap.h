@@ -23,7 +23,9 @@
 #define BM_MID_ENTRIES (1u << BM_MID_SHIFT)
 
 /* Entry kinds (bits 60..63 of loc). */
-enum { BM_NONE = 0, BM_DATA = 1, BM_COMP = 2, BM_ZERO = 3, BM_TRIM = 4 };
+/* BM_IMAGE (image backend, docs/IMAGE.md §2): the block is in the image file at lba x 4096;
+ * seg/offset/index are 0, crc and gen are those of the write that produced it. */
+enum { BM_NONE = 0, BM_DATA = 1, BM_COMP = 2, BM_ZERO = 3, BM_TRIM = 4, BM_IMAGE = 5 };
 
 typedef struct bm_entry {
     uint64_t loc; /* offset:28 | seg:28 | index:4 | kind:4 */

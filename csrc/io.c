@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -155,6 +156,19 @@ int io_mkdirat(int dirfd, const char *name, mode_t mode)
     if (RECORDING()) {
         int e = errno;
         record(IO_MKDIRAT, 0, ino_of(dirfd), name, NULL, NULL, 0, 0, RES(r));
+        errno = e;
+    }
+    return r;
+}
+
+int io_punch(int fd, uint64_t len, uint64_t off)
+{
+    if (injected(IO_PUNCH))
+        return -1;
+    int r = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)off, (off_t)len);
+    if (RECORDING()) {
+        int e = errno;
+        record(IO_PUNCH, ino_of(fd), 0, NULL, NULL, NULL, len, off, RES(r));
         errno = e;
     }
     return r;

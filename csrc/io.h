@@ -27,7 +27,8 @@ enum {
     IO_UNLINKAT = 32,
     IO_FTRUNCATE = 64,
     IO_MKDIRAT = 128,
-    IO_ALL = 255,
+    IO_PUNCH = 256,   /* fallocate(PUNCH_HOLE | KEEP_SIZE): the range reads as zeros */
+    IO_ALL = 511,
 };
 
 /* Fail the nth call (1-based) whose op is in mask with errno err; persistent: every matching
@@ -53,5 +54,6 @@ int io_renameat(int dirfd, const char *from, const char *to);
 int io_unlinkat(int dirfd, const char *name);
 int io_ftruncate(int fd, uint64_t len);
 int io_mkdirat(int dirfd, const char *name, mode_t mode);
+int io_punch(int fd, uint64_t len, uint64_t off); /* recorded with len and off */
 
 #endif

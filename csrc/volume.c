@@ -14,6 +14,7 @@
 #include "io.h"
 
 #include <dirent.h>
+#include <linux/falloc.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -42,6 +43,7 @@
 #define CKPT_VERSION 3u      /* 2 is still read: 96-byte map headers, no flags or uuid */
 #define CKPT_MAP_HDR 112u
 #define CKPT_V2_MAP_HDR 96u
+#define CKPT_HEAD_TOMB_PENDING 1u /* head map's flags: the image is not yet punched where the head is trimmed */
 #define MAX_REC_BLOCKS 1024u
 #define READ_CHUNK_BLOCKS 16u /* reads copy and verify 64 KiB at a time (read_blocks) */
 #define MAX_COMP_BLOCKS 16u
@@ -125,6 +127,15 @@ struct vol {
      * which recovery never accepts (FORMAT.md §3). */
     struct { int fd; uint64_t old_id; uint64_t size; } pool[64];
     int npool;
+    /* Image backend (docs/IMAGE.md); image_fd < 0 for lsfs. */
+    int image_fd;
+    int image_err;            /* errno of a failed image pwrite/punch/fdatasync: sticky (fsyncgate) */
+    pthread_mutex_t move_lock; /* one mover at a time; taken before ckpt_lock */
+    uint64_t head_log_blocks; /* head entries of kind DATA/COMP: what the mover has still to move */
+    uint64_t move_seg;        /* the mover's cursor: sealed segments below it hold no head block */
+    int tomb_pending;         /* the head gained ZERO/TRIM entries since the image was last punched */
+    uint64_t tomb_epoch;      /* counts those changes: a punch pass clears tomb_pending only if none came meanwhile */
+    uint64_t moved_bytes, cbw_blocks;
 };
 
 #define POOL_MAX 64
@@ -628,6 +639,8 @@ static void unref_old(vol *v, bm_entry old)
         seg_info *g = seg_find(v, bm_seg(old.loc));
         if (g && g->live_blocks)
             g->live_blocks--;
+        if (v->head_log_blocks)
+            v->head_log_blocks--;
     }
 }
 
@@ -642,6 +655,10 @@ static int map_set(vol *v, uint64_t lba, bm_entry e)
         seg_info *g = seg_find(v, bm_seg(e.loc));
         if (g)
             g->live_blocks++;
+        v->head_log_blocks++;
+    } else if (k == BM_ZERO || k == BM_TRIM) {
+        v->tomb_pending = 1;
+        v->tomb_epoch++;
     }
     return 0;
 }
@@ -666,7 +683,7 @@ static int map_tombstone(vol *v, uint64_t lba, uint64_t n, unsigned kind, uint32
         }
         for (; lba < leaf_end; lba++) {
             unsigned k = bm_kind(l->e[lba & (BM_LEAF_ENTRIES - 1)].loc);
-            if (k == BM_DATA || k == BM_COMP) {
+            if (k == BM_DATA || k == BM_COMP || k == BM_IMAGE) {
                 bm_entry e = {bm_loc(kind, 0, 0, 0), 0, gen};
                 if (map_set(v, lba, e) < 0)
                     return -1;
@@ -796,6 +813,36 @@ static int read_compressed(vol *v, bm_entry e, uint8_t *dst)
     return 0;
 }
 
+/* Blocks [lba, lba+n) that map says are in the image (all of kind BM_IMAGE): one pread, then
+ * each block checked against its entry's CRC, so a block changed behind the engine's back
+ * (another tool writing image.raw while served) is EIO, never served as garbage. */
+static int read_image(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint8_t *dst)
+{
+    if (v->image_fd < 0) {
+        v->corrupt_reads++;
+        return fail(EBADMSG, "block %llu is mapped to an image this volume does not have", (unsigned long long)lba);
+    }
+    size_t len = (size_t)(n * BS), got = 0;
+    while (got < len) {
+        ssize_t r = pread(v->image_fd, dst + got, len - got, (off_t)(lba * BS + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(errno, "reading the image at block %llu: %s", (unsigned long long)lba, strerror(errno));
+        if (r == 0) { /* beyond the end of a truncated image: zeros, which the CRC below judges */
+            memset(dst + got, 0, len - got);
+            break;
+        }
+        got += (size_t)r;
+    }
+    for (uint64_t b = 0; b < n; b++)
+        if (crc32c(dst + b * BS, BS) != blockmap_get(map, lba + b).crc) {
+            v->corrupt_reads++;
+            return fail(EBADMSG, "checksum mismatch for block %llu (in the image file)", (unsigned long long)(lba + b));
+        }
+    return 0;
+}
+
 /* Read whole blocks [lba, lba+n) into dst, coalescing runs that are contiguous on disk. */
 static int read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint8_t *dst)
 {
@@ -834,6 +881,13 @@ static int read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, ui
             if (read_compressed(v, e, dst + i * BS) < 0)
                 return -1;
             i++;
+        } else if (k == BM_IMAGE) {
+            uint64_t j = i + 1;
+            while (j < n && bm_kind(blockmap_get(map, lba + j).loc) == BM_IMAGE)
+                j++;
+            if (read_image(v, map, lba + i, j - i, dst + i * BS) < 0)
+                return -1;
+            i = j;
         } else {
             memset(dst + i * BS, 0, BS);
             i++;
@@ -999,12 +1053,29 @@ static int write_locked(vol *v, const uint8_t *buf, uint64_t count, uint64_t off
     return write_blocks(v, v->scratch, first, n, R_WRITE, v->gen, more_after);
 }
 
+/* Image backend back-pressure (docs/IMAGE.md §3): while the change log holds more than
+ * journal_max bytes of head data, the writer moves a batch itself (waiting for the mover, in
+ * effect): the write is delayed, never refused. A mover that cannot write the image (sticky
+ * error) no longer holds writes back: the log grows, and `info` shows why. */
+static void journal_backpressure(vol *v, uint64_t count)
+{
+    for (;;) {
+        pthread_mutex_lock(&v->lock);
+        int over = v->head_log_blocks * BS + count > v->p.journal_max && !v->image_err;
+        pthread_mutex_unlock(&v->lock);
+        if (!over || vol_move(v, 4u << 20, 1) <= 0)
+            return;
+    }
+}
+
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua)
 {
     if (v->p.readonly)
         return fail(EROFS, "volume opened read-only");
     if (count == 0)
         return 0;
+    if (v->image_fd >= 0)
+        journal_backpressure(v, count);
     pthread_mutex_lock(&v->lock);
     v->requests++;
     int r = check_range(v, count, offset);
@@ -1132,7 +1203,7 @@ int vol_snap_extents(vol *v, uint32_t id, uint64_t count, uint64_t offset, uint6
             leaf_end = end;
         for (; lba < leaf_end; lba++) {
             unsigned k = bm_kind(l->e[lba & (BM_LEAF_ENTRIES - 1)].loc);
-            int t = (k == BM_DATA || k == BM_COMP) ? VOL_EXTENT_DATA : VOL_EXTENT_HOLE;
+            int t = (k == BM_DATA || k == BM_COMP || k == BM_IMAGE) ? VOL_EXTENT_DATA : VOL_EXTENT_HOLE;
             if (t != run_type) {
                 if (run_type >= 0) {
                     out[3 * n] = run_start * BS;
@@ -1781,6 +1852,7 @@ static int checkpoint_serialised(vol *v)
         return fail(ENOMEM, "out of memory for a checkpoint");
     }
     meta[0].gen = v->gen;
+    meta[0].flags = v->tomb_pending ? CKPT_HEAD_TOMB_PENDING : 0; /* image backend (docs/IMAGE.md §2) */
     uint64_t j = 0, nsync = 0, ndead = 0;
     int dup_err = 0;
     for (size_t si = 0; si < v->nsegs; si++) {
@@ -2055,6 +2127,8 @@ static int load_checkpoint(vol *v, uint64_t *rseg, uint64_t *roff)
             goto out;
         }
         blockmap *map = v->head;
+        if (!m)
+            v->tomb_pending = (mflags & CKPT_HEAD_TOMB_PENDING) != 0;
         if (m) {
             char name[VOL_SNAP_NAME_MAX + 1] = {0};
             memcpy(name, mh + 20, namelen);
@@ -2191,7 +2265,8 @@ static int apply_rec(vol *v, uint64_t seg, size_t pos, const rec *r)
                     blockmap *map = m ? v->snaps[m - 1].map : v->head;
                     bm_entry cur = blockmap_get(map, r->lba + b);
                     unsigned k = bm_kind(cur.loc);
-                    if ((k == BM_DATA || k == BM_COMP) && cur.gen == e.gen && cur.crc == e.crc &&
+                    /* BM_IMAGE: the mover's copy-before-write (docs/IMAGE.md §3) */
+                    if ((k == BM_DATA || k == BM_COMP || k == BM_IMAGE) && cur.gen == e.gen && cur.crc == e.crc &&
                         (k == BM_COMP) == !!(r->flags & F_COMP))
                         blockmap_relocate(map, r->lba + b, cur.loc, e.loc);
                 }
@@ -2508,6 +2583,14 @@ static int recount_live(vol *v)
         }
     }
     leafset_free(&ls);
+    v->head_log_blocks = 0; /* tomb_pending: from the checkpoint, then set by replayed tombstones */
+    for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX; li = blockmap_next_leaf(v->head, li + 1)) {
+        const bm_leaf *l = blockmap_leaf(v->head, li);
+        for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
+            unsigned k = bm_kind(l->e[i].loc);
+            v->head_log_blocks += k == BM_DATA || k == BM_COMP;
+        }
+    }
     return 0;
 }
 
@@ -2552,8 +2635,11 @@ static void vol_free(vol *v)
     free(v->wbuf);
     free(v->scratch);
     free(v->pend);
+    if (v->image_fd >= 0)
+        close(v->image_fd);
     pthread_mutex_destroy(&v->lock);
     pthread_mutex_destroy(&v->ckpt_lock);
+    pthread_mutex_destroy(&v->move_lock);
     free(v);
 }
 
@@ -2576,8 +2662,12 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     }
     pthread_mutex_init(&v->lock, NULL);
     pthread_mutex_init(&v->ckpt_lock, NULL);
-    v->dirfd = v->segdirfd = -1;
+    pthread_mutex_init(&v->move_lock, NULL);
+    v->dirfd = v->segdirfd = v->image_fd = -1;
     v->p = *p;
+    v->p.image_path = NULL; /* the caller's string is not ours to keep */
+    if (!v->p.journal_max)
+        v->p.journal_max = 1ull << 30;
     if (!v->p.zstd_level)
         v->p.zstd_level = 3;
     v->nblocks = p->size / BS;
@@ -2605,6 +2695,19 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     if (v->dirfd < 0) {
         fail(errno, "opening volume directory %s: %s", voldir, strerror(errno));
         goto err;
+    }
+    if (p->image_path) {
+        struct stat st;
+        v->image_fd = open(p->image_path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        if (v->image_fd < 0) {
+            fail(errno, "opening the image %s: %s", p->image_path, strerror(errno));
+            goto err;
+        }
+        if (fstat(v->image_fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->size) {
+            fail(EBADMSG, "the image %s is %lld bytes, the volume %llu: not this volume's image (or damaged)",
+                 p->image_path, (long long)st.st_size, (unsigned long long)p->size);
+            goto err;
+        }
     }
     if (!p->readonly && io_mkdirat(v->dirfd, "segments", 0700) < 0 && errno != EEXIST) {
         fail(errno, "creating segments directory: %s", strerror(errno));
@@ -2726,7 +2829,15 @@ int vol_close(vol *v)
         vol_free(v);
         return 0;
     }
-    int r = vol_checkpoint(v);
+    int r = 0;
+    if (v->image_fd >= 0) { /* drain: the image alone is then the volume (docs/IMAGE.md §1) */
+        int64_t m;
+        while ((m = vol_move(v, 64u << 20, 1)) > 0)
+            ;
+        r = m < 0 ? -1 : 0;
+    }
+    if (r == 0)
+        r = vol_checkpoint(v);
     if (r == 0) {
         pthread_mutex_lock(&v->lock);
         r = flush_locked(v);
@@ -2937,6 +3048,345 @@ int vol_get_stats(vol *v, vol_stats *s)
     s->gc_segments = v->gc_segments;
     s->gc_bytes_moved = v->gc_bytes_moved;
     s->requests = v->requests;
+    if (v->image_fd >= 0) {
+        s->journal_pending_bytes = v->head_log_blocks * BS;
+        s->journal_max_bytes = v->p.journal_max;
+        s->image_moved_bytes = v->moved_bytes;
+        s->image_cbw_blocks = v->cbw_blocks;
+        s->image_current = v->head_log_blocks == 0 && !v->tomb_pending;
+        s->image_error = (uint64_t)v->image_err;
+    }
     pthread_mutex_unlock(&v->lock);
     return 0;
+}
+
+/* ---------- the image mover (docs/IMAGE.md §3) ----------
+ *
+ * Notes on the design:
+ *  - A batch has three phases. A (move_lock, ckpt_lock, lock): pick the head blocks still in
+ *    the change log, oldest sealed segment first (a cursor: sealed segments never gain head
+ *    blocks, new writes and the collector's moves go to the active one); preserve, as RELOC
+ *    records, the image blocks a snapshot still maps (copy-before-write); copy the blocks to
+ *    move into the mover's buffer; sync the log. B (move_lock only): pwrite them into the
+ *    image, fdatasync it. C (move_lock, ckpt_lock, lock): every map entry still holding one of
+ *    those versions becomes IMAGE (same crc, same generation).
+ *  - Invariant: at every LBA, all IMAGE entries of all maps hold the one version that is in the
+ *    image. Phase A makes it safe for B to overwrite: no map holds an IMAGE entry at a block
+ *    being moved (only the mover creates IMAGE entries and clones copy what the head holds,
+ *    which is not IMAGE there). Reads never wait for B.
+ *  - Crash safety: the moved records and the preserved copies are durable before B writes
+ *    the image; IMAGE entries exist only after the image's fdatasync, so a checkpoint never
+ *    records one the disk does not hold; a crash before the next checkpoint replays the log,
+ *    which still has every moved record (dead segments are deleted only by a checkpoint that
+ *    no longer references them).
+ *  - A failed image write or sync is sticky (image_err): what reached the image is unknown,
+ *    so nothing more is moved until the volume is reopened and recovery replays the log.
+ */
+
+#define IMAGE_LOC bm_loc(BM_IMAGE, 0, 0, 0)
+
+typedef struct mv_cand {
+    uint64_t lba, loc;
+} mv_cand;
+
+static int image_pread(vol *v, void *buf, size_t len, uint64_t off)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = pread(v->image_fd, (uint8_t *)buf + got, len - got, (off_t)(off + got));
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0)
+            return fail(errno, "reading the image: %s", strerror(errno));
+        if (r == 0) {
+            memset((uint8_t *)buf + got, 0, len - got);
+            break;
+        }
+        got += (size_t)r;
+    }
+    return 0;
+}
+
+/* Copy-before-write of the image block at lba, if a snapshot maps it (kind IMAGE): append it
+ * as a RELOC record with the entry's generation and CRC (a block already damaged in the image
+ * stays damaged, it is never "repaired" into unchecked bytes) and point those entries at it.
+ * Caller holds ckpt_lock and lock. */
+static int preserve_image_block(vol *v, uint64_t lba, uint8_t *tmp)
+{
+    bm_entry found = {0};
+    int any = 0;
+    for (uint32_t m = 0; m < v->nsnaps && !any; m++) {
+        found = blockmap_get(v->snaps[m].map, lba);
+        any = bm_kind(found.loc) == BM_IMAGE;
+    }
+    if (!any)
+        return 0;
+    if (image_pread(v, tmp, BS, lba * BS) < 0)
+        return -1;
+    uint32_t c = found.crc;
+    uint64_t pay;
+    v->req_first = 1;
+    if (append_record(v, R_RELOC, 0, 1, lba, found.gen, &c, 1, tmp, BS, NULL, &pay) < 0)
+        return -1;
+    uint64_t nl = bm_loc(BM_DATA, v->active, pay, 0);
+    seg_info *ns = seg_find(v, v->active);
+    for (uint32_t m = 0; m < v->nsnaps; m++) {
+        bm_entry e = blockmap_get(v->snaps[m].map, lba);
+        if (bm_kind(e.loc) == BM_IMAGE && e.gen == found.gen && blockmap_relocate(v->snaps[m].map, lba, e.loc, nl) &&
+            ns)
+            ns->live_blocks++;
+    }
+    v->cbw_blocks++;
+    return 1;
+}
+
+/* Phase A's pick: head blocks of WRITE/RELOC records from the cursor on, up to max blocks
+ * (whole records). Seals the active segment when seal is set and it holds the rest. */
+static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
+{
+    size_t n = 0;
+    int sealed_once = 0;
+    for (;;) {
+        size_t si = seg_lower_bound(v, v->move_seg);
+        for (; si < v->nsegs && n < max; si++) {
+            seg_info *s = &v->segs[si];
+            if (s->id == v->active)
+                break;
+            v->move_seg = s->id;
+            if (s->fd < 0 || !s->map || s->live_blocks == 0) {
+                v->move_seg = s->id + 1;
+                continue;
+            }
+            size_t len = (size_t)(s->file_size < s->map_len ? s->file_size : s->map_len);
+            size_t pos = SEG_HDR;
+            int done = 1;
+            while (pos < len) {
+                rec rc;
+                if (!parse_rec(v, s->map, len, pos, &rc))
+                    break;
+                if ((rc.type == R_WRITE || rc.type == R_RELOC) && n + rc.nblocks > max && n) {
+                    done = 0; /* the rest of this segment is for the next batch */
+                    break;
+                }
+                if (rc.type == R_WRITE || rc.type == R_RELOC) {
+                    uint64_t base = pos + REC_HDR + 4ull * rc.ncrc;
+                    for (uint32_t b = 0; b < rc.nblocks; b++) {
+                        uint64_t loc = rc.flags & F_COMP ? bm_loc(BM_COMP, s->id, pos, b)
+                                                         : bm_loc(BM_DATA, s->id, base + (uint64_t)b * BS, 0);
+                        if (blockmap_get(v->head, rc.lba + b).loc == loc)
+                            c[n++] = (mv_cand){rc.lba + b, loc};
+                    }
+                }
+                pos += rc.len;
+            }
+            if (!done)
+                return n; /* blocks already taken are skipped next time: the head moved on */
+            v->move_seg = s->id + 1;
+        }
+        if (n || !seal || sealed_once || v->head_log_blocks == 0)
+            return n;
+        seg_info *a = active_seg(v);
+        if (!a || a->live_blocks == 0 || v->active_off <= SEG_HDR || rotate(v) < 0)
+            return n;
+        sealed_once = 1;
+    }
+}
+
+static int image_write_all(vol *v, const uint8_t *buf, size_t len, uint64_t off)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t r = io_pwrite(v->image_fd, buf + done, len - done, off + done);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            return -1;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+static int64_t image_failed(vol *v, const char *what)
+{
+    int e = errno ? errno : EIO;
+    pthread_mutex_lock(&v->lock);
+    if (!v->image_err)
+        v->image_err = e;
+    pthread_mutex_unlock(&v->lock);
+    return fail(e, "%s the image: %s (the mover stops until the volume is reopened; the change log keeps every block)",
+                what, strerror(e));
+}
+
+/* The punch pass: where the head reads as zero/trimmed, make the image read as zeros too
+ * (after preserving what snapshots map there). Runs when nothing is left to move. */
+static int64_t punch_pass(vol *v)
+{
+    pthread_mutex_lock(&v->ckpt_lock);
+    pthread_mutex_lock(&v->lock);
+    size_t nr = 0, cap = 0;
+    uint64_t *runs = NULL; /* (lba, n) pairs */
+    uint8_t tmp[BS];
+    int r = 0;
+    for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX && r == 0;
+         li = blockmap_next_leaf(v->head, li + 1)) {
+        for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
+            const bm_leaf *l = blockmap_leaf(v->head, li); /* preserve_image_block may copy nothing of the head, but re-read */
+            unsigned k = bm_kind(l->e[i].loc);
+            if (k != BM_ZERO && k != BM_TRIM)
+                continue;
+            uint64_t lba = (li << BM_LEAF_SHIFT) + i;
+            if (preserve_image_block(v, lba, tmp) < 0) {
+                r = -1;
+                break;
+            }
+            if (nr && runs[2 * (nr - 1)] + runs[2 * (nr - 1) + 1] == lba) {
+                runs[2 * (nr - 1) + 1]++;
+                continue;
+            }
+            if (nr == cap) {
+                size_t nc = cap ? cap * 2 : 256;
+                uint64_t *np = realloc(runs, nc * 2 * sizeof *runs);
+                if (!np) {
+                    r = fail(ENOMEM, "out of memory for the image punch pass");
+                    break;
+                }
+                runs = np;
+                cap = nc;
+            }
+            runs[2 * nr] = lba;
+            runs[2 * nr + 1] = 1;
+            nr++;
+        }
+    }
+    if (r == 0)
+        r = sync_all(v); /* the preserved copies are durable before the image loses them */
+    uint64_t epoch = v->tomb_epoch;
+    pthread_mutex_unlock(&v->lock);
+    pthread_mutex_unlock(&v->ckpt_lock);
+    if (r < 0) {
+        free(runs);
+        return -1;
+    }
+    for (size_t i = 0; i < nr; i++)
+        if (io_punch(v->image_fd, runs[2 * i + 1] * BS, runs[2 * i] * BS) < 0) {
+            free(runs);
+            return image_failed(v, "punching");
+        }
+    free(runs);
+    if (nr && io_fdatasync(v->image_fd) < 0)
+        return image_failed(v, "syncing");
+    pthread_mutex_lock(&v->lock);
+    if (v->tomb_epoch == epoch) /* (a checkpoint meanwhile recorded "pending": a later one clears it) */
+        v->tomb_pending = 0;
+    pthread_mutex_unlock(&v->lock);
+    return 0;
+}
+
+static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
+{
+    mv_cand *c = malloc((max_blocks + MAX_REC_BLOCKS) * sizeof *c);
+    if (!c)
+        return fail(ENOMEM, "out of memory for the mover");
+    pthread_mutex_lock(&v->ckpt_lock);
+    pthread_mutex_lock(&v->lock);
+    if (v->image_err) {
+        int e = v->image_err;
+        pthread_mutex_unlock(&v->lock);
+        pthread_mutex_unlock(&v->ckpt_lock);
+        free(c);
+        return fail(e, "an earlier write or sync of the image failed (%s): the mover stops until the volume is "
+                    "reopened", strerror(e));
+    }
+    size_t n = pick_candidates(v, c, (size_t)max_blocks, seal);
+    uint8_t *buf = n ? malloc(n * BS) : NULL;
+    int r = 0;
+    if (n && !buf)
+        r = fail(ENOMEM, "out of memory for the mover");
+    uint8_t tmp[BS];
+    size_t keep = 0;
+    for (size_t i = 0; i < n && r == 0; i++) {
+        if (preserve_image_block(v, c[i].lba, tmp) < 0) {
+            r = -1;
+            break;
+        }
+        /* the version the head maps, checked against its CRC: a damaged block stays in the log
+         * (its reads keep failing) rather than reach the image */
+        if (read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0)
+            c[keep++] = c[i];
+    }
+    if (r == 0 && n)
+        r = sync_all(v);
+    if (r == 0 && !n && seal && v->head_log_blocks == 0 && v->tomb_pending) {
+        pthread_mutex_unlock(&v->lock);
+        pthread_mutex_unlock(&v->ckpt_lock);
+        free(c);
+        return punch_pass(v);
+    }
+    pthread_mutex_unlock(&v->lock);
+    pthread_mutex_unlock(&v->ckpt_lock);
+    if (r < 0 || keep == 0) {
+        free(buf);
+        free(c);
+        return r < 0 ? -1 : n ? -2 : 0; /* -2: only damaged blocks were picked; pick again */
+    }
+    /* B: into the image, runs of consecutive blocks in one pwrite */
+    for (size_t i = 0; i < keep;) {
+        size_t j = i + 1;
+        while (j < keep && c[j].lba == c[j - 1].lba + 1 && (j - i) < (64u << 20) / BS)
+            j++;
+        if (image_write_all(v, buf + i * BS, (j - i) * BS, c[i].lba * BS) < 0) {
+            free(buf);
+            free(c);
+            return image_failed(v, "writing");
+        }
+        i = j;
+    }
+    free(buf);
+    if (io_fdatasync(v->image_fd) < 0) {
+        free(c);
+        return image_failed(v, "syncing");
+    }
+    /* C: the entries still holding those versions now read from the image */
+    pthread_mutex_lock(&v->ckpt_lock);
+    pthread_mutex_lock(&v->lock);
+    uint64_t moved = 0;
+    for (size_t i = 0; i < keep; i++) {
+        int any = 0;
+        for (uint32_t m = 0; m <= v->nsnaps; m++) {
+            blockmap *map = m ? v->snaps[m - 1].map : v->head;
+            if (blockmap_relocate(map, c[i].lba, c[i].loc, IMAGE_LOC)) {
+                seg_info *os = seg_find(v, bm_seg(c[i].loc));
+                if (os && os->live_blocks)
+                    os->live_blocks--;
+                if (m == 0 && v->head_log_blocks)
+                    v->head_log_blocks--;
+                any = 1;
+            }
+        }
+        moved += any;
+    }
+    v->moved_bytes += moved * BS;
+    pthread_mutex_unlock(&v->lock);
+    pthread_mutex_unlock(&v->ckpt_lock);
+    free(c);
+    return (int64_t)(keep * BS);
+}
+
+int64_t vol_move(vol *v, uint64_t max_bytes, int seal)
+{
+    if (v->image_fd < 0)
+        return fail(EINVAL, "not an image-backend volume: nothing to move");
+    if (v->p.readonly)
+        return fail(EROFS, "volume opened read-only");
+    uint64_t blocks = max_bytes / BS;
+    if (blocks < 1)
+        blocks = 1;
+    if (blocks > (64u << 20) / BS)
+        blocks = (64u << 20) / BS;
+    pthread_mutex_lock(&v->move_lock);
+    int64_t r;
+    while ((r = move_batch(v, blocks, seal)) == -2)
+        ; /* the cursor has passed those segments: this ends */
+    pthread_mutex_unlock(&v->move_lock);
+    return r;
 }

@@ -9,6 +9,8 @@
  *    writer of checkpoint.tmp) and by vol_gc_segment around each move (blockmap_relocate edits
  *    leaves shared with the frozen clones in place, so a move waits until no checkpoint reads
  *    them). Order: ckpt_lock before lock, never the other way round.
+ *  - v->move_lock (image backend): one mover at a time (the background mover, or a writer over
+ *    journal_max that moves a batch itself). Order: move_lock, ckpt_lock, lock.
  *  - csrc/io.c's io_lock guards only the test hooks' settings; it is never held across a call.
  *  - cffi releases the GIL around each call, so background work (collector, checkpoints) runs
  *    beside requests. No static buffers: every scratch buffer belongs to a vol or a call.
@@ -44,6 +46,10 @@ typedef struct vol_params {
     uint64_t segment_size;  /* bytes */
     uint64_t wbuf_size;     /* write buffer bytes (0 = default 8 MiB) */
     int readonly;           /* recover in memory only: no file is written, changes fail EROFS */
+    /* Image backend (docs/IMAGE.md): voldir is then the change-log directory and the blocks
+     * live, once moved, in this raw file of exactly `size` bytes. NULL: the lsfs backend. */
+    const char *image_path;
+    uint64_t journal_max;   /* bytes of head data the change log may hold unmoved (0 = 1 GiB) */
 } vol_params;
 
 typedef struct vol_report {      /* what recovery found, for logs and `blockrep info` */
@@ -73,6 +79,13 @@ typedef struct vol_stats {
     uint64_t dead_segments;      /* sealed segments with no live block: deleted by the next checkpoint */
     uint64_t requests;           /* read/write/zero/trim requests served since open */
     uint64_t pool_files;         /* recycled segment files waiting for reuse (counted in used_bytes) */
+    /* image backend (0 for lsfs) */
+    uint64_t journal_pending_bytes; /* head blocks still in the change log, x 4096 */
+    uint64_t journal_max_bytes;
+    uint64_t image_moved_bytes;  /* moved into the image since open */
+    uint64_t image_cbw_blocks;   /* image blocks preserved for snapshots before an overwrite */
+    uint64_t image_current;      /* 1: the image file alone equals the head (nothing to move or punch) */
+    uint64_t image_error;        /* errno of a failed image write/sync: the mover stopped until reopen */
 } vol_stats;
 
 #define VOL_SNAP_NAME_MAX 64
@@ -91,7 +104,7 @@ typedef struct vol_snap_info {
 #define VOL_EXTENT_HOLE 3 /* NBD_STATE_HOLE | NBD_STATE_ZERO */
 
 vol *vol_open(const char *voldir, const vol_params *p, vol_report *report);
-int vol_close(vol *v);             /* flush, checkpoint, free; v is freed even on error */
+int vol_close(vol *v);             /* (image: drain the log) flush, checkpoint, free; v is freed even on error */
 void vol_abandon(vol *v);          /* free without writing anything: a simulated process crash */
 int vol_read(vol *v, void *buf, uint64_t count, uint64_t offset);
 int vol_write(vol *v, const void *buf, uint64_t count, uint64_t offset, int fua);
@@ -133,6 +146,15 @@ int64_t vol_gc_pick(vol *v, double ratio);
  * generation). The segment is then dead and the next vol_checkpoint deletes it. */
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
+/* Image backend: move up to max_bytes of head blocks from the change log into the image, oldest
+ * segment first (docs/IMAGE.md §3): copy-before-write of image blocks a snapshot still maps,
+ * fdatasync of the log, pwrite + fdatasync of the image, then the maps say IMAGE. seal: when no
+ * sealed segment has head blocks left, seal the active one and go on, and once nothing is left
+ * in the log punch the image where the head reads as trimmed/zeroed (what a drain does).
+ * Returns bytes moved (0: nothing to do), or -1: EINVAL (lsfs volume), EROFS, or the errno of
+ * the log or image I/O (an image write or sync failure is sticky: the mover stops until the
+ * volume is reopened; writes go on into the log). Takes move_lock, then ckpt_lock, then lock. */
+int64_t vol_move(vol *v, uint64_t max_bytes, int seal);
 /* Unlink recycled segment files beyond `keep` (idle: give the disk space back). */
 int vol_pool_trim(vol *v, int keep);
 const char *vol_errmsg(void);

@@ -17,6 +17,7 @@ typedef struct vol vol;
 typedef struct vol_params {
     uint64_t size; uint8_t uuid[16]; int compress; int zstd_level;
     uint64_t segment_size; uint64_t wbuf_size; int readonly;
+    const char *image_path; uint64_t journal_max;
 } vol_params;
 typedef struct vol_report {
     uint64_t records_replayed; uint64_t bytes_replayed; uint64_t torn_bytes_dropped;
@@ -28,6 +29,8 @@ typedef struct vol_stats {
     uint64_t next_seq; uint64_t log_since_checkpoint; uint64_t corrupt_reads; uint64_t map_bytes;
     uint64_t active_segment; uint64_t gc_segments; uint64_t gc_bytes_moved;
     uint64_t stored_data_bytes; uint64_t dead_segments; uint64_t requests; uint64_t pool_files;
+    uint64_t journal_pending_bytes; uint64_t journal_max_bytes; uint64_t image_moved_bytes;
+    uint64_t image_cbw_blocks; uint64_t image_current; uint64_t image_error;
 } vol_stats;
 typedef struct vol_snap_info {
     uint32_t id; uint32_t gen; uint64_t created; char name[65]; uint8_t uuid[16]; uint32_t flags;
@@ -52,6 +55,7 @@ int64_t vol_gc_pick(vol *v, double ratio);
 int vol_gc_segment(vol *v, uint64_t seg);
 int vol_get_stats(vol *v, vol_stats *s);
 int vol_pool_trim(vol *v, int keep);
+int64_t vol_move(vol *v, uint64_t max_bytes, int seal);
 const char *vol_errmsg(void);
 uint32_t crc32c_extend(uint32_t crc, const void *buf, size_t len);
 void vol_io_fault(unsigned mask, uint64_t nth, int err, int persistent);

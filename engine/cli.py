@@ -15,7 +15,7 @@ from .errors import BlockrepError, InvalidArgument
 from .freeze import FreezeError, quiesced
 from .units import format_size, parse_duration, parse_size
 from .version import version
-from .volume import Lock, Volume, create, disk_usage, read_params, validate_snapshot_name
+from .volume import Lock, Volume, create, disk_usage, journal_shares_filesystem, read_params, validate_snapshot_name
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,11 +33,15 @@ def _size_arg(what):
 
 
 def cmd_create(a) -> int:
-    if a.journal:
-        raise InvalidArgument("--journal applies to the image backend, which this release lacks")
     p = create(a.volume, a.size, backend=a.backend, granularity=a.granularity,
-               compress=a.compress or "none", segment_size=a.segment_size)
-    print(f"created {a.volume}: {format_size(p.size)}, backend {p.backend}, uuid {p.uuid}")
+               compress=a.compress or "none", segment_size=a.segment_size, journal=a.journal,
+               journal_size=a.journal_size or 0)
+    if p.backend == "image" and journal_shares_filesystem(p, a.volume):
+        print(f"blockrep: warning: the change log {p.journal} is on the same filesystem as the image "
+              f"{Path(a.volume).resolve() / 'image.raw'}: writes then pay the image disk's latency; put --journal "
+              "on another (faster) disk", file=sys.stderr)
+    where = f", change log {p.journal}" if p.backend == "image" else ""
+    print(f"created {a.volume}: {format_size(p.size)}, backend {p.backend}{where}, uuid {p.uuid}")
     return 0
 
 
@@ -49,8 +53,11 @@ def _info(vol: Path) -> dict:
             "path": str(vol), "uuid": params.uuid, "size": params.size,
             "backend": params.backend, "granularity": params.granularity,
             "compress": params.compress, "created": params.created,
-            "format_version": params.format_version, "used_bytes": disk_usage(vol),
+            "format_version": params.format_version,
+            "used_bytes": disk_usage(vol) + (disk_usage(params.journal) if params.backend == "image" else 0),
         }
+        if params.backend == "image":
+            info["journal"] = params.journal
     else:
         info = run_op(str(vol), "info")
     from .replication.drserver import read_role
@@ -87,6 +94,14 @@ def cmd_info(a) -> int:
                  ("segments", str(info["segments"])),
                  ("log since checkpoint", format_size(info["log_since_checkpoint"])),
                  ("map memory", format_size(info["map_memory_bytes"]))]
+    if "journal_pending_bytes" in info:
+        rows += [("change log", f"{info['journal']}, {format_size(info['journal_pending_bytes'])} not yet in the "
+                                f"image (waits above {format_size(info['journal_max_bytes'])})"),
+                 ("mover", f"{format_size(info['mover_bytes_per_second'])}/s"
+                           + (f", stopped: {info['image_error']} (restart the server)" if info["image_error"] else "")),
+                 ("image current", "yes" if info["image_current"] else
+                  f"no ({format_size(info['journal_pending_bytes'])} in the change log)")]
+    if "live_bytes" in info:
         rec = info["recovery"]
         if rec["torn_bytes_dropped"] or rec["corrupt_records"] or rec["skipped_bytes"]:
             rows.append(("recovery", f"dropped torn tail {rec['torn_bytes_dropped']} bytes, "
@@ -475,8 +490,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", required=True, type=_size_arg("size"), metavar="SIZE",
                    help=f"volume size in bytes, {SIZES}, e.g. 100G; a multiple of 4 KiB, at most 16 TiB")
     c.add_argument("--backend", default="lsfs", choices=["lsfs", "image"],
-                   help="storage engine: lsfs (log-structured, the default); image is not in this release")
-    c.add_argument("--journal", metavar="DIR", help="change-log directory (image backend, not in this release)")
+                   help="storage engine: lsfs (log-structured, the default) or image (a flat raw image file "
+                        "with a change log on another disk, --journal)")
+    c.add_argument("--journal", metavar="DIR",
+                   help="image backend: the change-log directory, ideally on another (faster) disk than VOL")
+    c.add_argument("--journal-size", type=_size_arg("journal size"), metavar="SIZE",
+                   help=f"image backend: head data the change log holds before writes wait for the mover, {SIZES} "
+                        "(default 1G)")
     c.add_argument("--granularity", default=4096, type=_size_arg("granularity"), metavar="SIZE",
                    help=f"unit of change tracking (diff, replication deltas) in bytes, {SIZES}; a power of "
                         "two from 4K to 1G (default 4K)")

@@ -10,8 +10,8 @@ import errno as _errno
 from .errors import InvalidArgument
 
 OPS = {"pwrite": 1, "fdatasync": 2, "fsyncdir": 4, "openat": 8, "renameat": 16, "unlinkat": 32,
-       "ftruncate": 64, "mkdirat": 128}
-ALL = 255
+       "ftruncate": 64, "mkdirat": 128, "punch": 256}
+ALL = 511
 
 
 def _lib():

@@ -43,7 +43,11 @@ CHECKPOINT_EVERY = 2 << 30  # bytes of log since the last checkpoint (recovery r
 GC_RATIO = 1.2  # when idle, collect while disk use > GC_RATIO x live data
 GC_BUSY_RATIO = 2.0  # while clients write, collect only above this
 POOL_IDLE = 4  # recycled segment files kept when idle (up to 64 while busy)
-BACKENDS = ("lsfs",)
+BACKENDS = ("lsfs", "image")
+DEFAULT_JOURNAL_SIZE = 1 << 30  # image backend: head data the change log holds before writes wait
+MOVE_BATCH = 4 << 20  # the mover's batch (docs/IMAGE.md §3)
+IMAGE_FILE = "image.raw"
+JOURNAL_OWNER = "owner"
 NO_SNAPSHOT = 0xFFFFFFFF  # vol_diff: "since the volume was created"
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -89,6 +93,8 @@ class Params:
     granularity: int = BLOCK
     compress: str = "none"
     segment_size: int = DEFAULT_SEGMENT
+    journal: str = ""  # image backend: the change-log directory (absolute)
+    journal_size: int = 0  # image backend: bytes of unmoved head data before writes wait (0: 1 GiB)
     created: str = ""
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
@@ -124,14 +130,43 @@ def validate_granularity(g: int) -> int:
     return g
 
 
+def journal_shares_filesystem(params: Params, path: str | os.PathLike) -> bool:
+    """Is an image volume's change log on the image's own filesystem (then it shares the
+    image's disk and its write latency: the point of a separate log is lost)?"""
+    try:
+        return os.stat(params.journal).st_dev == os.stat(Path(path) / IMAGE_FILE).st_dev
+    except OSError:
+        return False
+
+
+def _check_journal_dir(j: Path) -> None:
+    if j.exists():
+        if not j.is_dir():
+            raise AlreadyExists(f"change-log path {j} exists and is not a directory")
+        if any(j.iterdir()):
+            raise AlreadyExists(f"change-log directory {j} is not empty (a change log serves one volume)")
+    elif not j.parent.is_dir():
+        raise NotFound(f"parent directory {j.parent} of the change log does not exist")
+
+
 def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granularity: int = BLOCK,
-           compress: str = "none", segment_size: int = DEFAULT_SEGMENT) -> Params:
-    """Create an empty volume directory. Refuses to touch an existing non-empty directory."""
+           compress: str = "none", segment_size: int = DEFAULT_SEGMENT, journal: str | os.PathLike | None = None,
+           journal_size: int = 0) -> Params:
+    """Create an empty volume directory. Refuses to touch an existing non-empty directory.
+    backend "image": VOL holds image.raw (sparse, raw) and the change log goes to `journal`
+    (docs/IMAGE.md §1)."""
     p = Path(path)
     validate_size(size)
     validate_granularity(granularity)
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend {backend!r} is not available (choose from: {', '.join(BACKENDS)})")
+    if backend == "image":
+        if not journal:
+            raise InvalidArgument("the image backend needs --journal DIR (the change log, ideally on another disk)")
+        if journal_size and not (16 << 20) <= journal_size <= (1 << 40):
+            raise InvalidArgument("journal size must be between 16M and 1T")
+    elif journal or journal_size:
+        raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
     if compress not in ("none", "zstd"):
         raise InvalidArgument(f"unknown compression {compress!r} (choose none or zstd)")
     if not (1 << 20) <= segment_size <= (256 << 20):
@@ -143,14 +178,28 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
             raise AlreadyExists(f"{p} already exists and is not empty")
     elif not p.parent.is_dir():
         raise NotFound(f"parent directory {p.parent} does not exist")
+    jdir = Path(os.path.abspath(journal)) if backend == "image" and journal else None
+    if jdir is not None:
+        if jdir == p.resolve() or p.resolve() in jdir.parents:
+            raise InvalidArgument(f"the change log {jdir} must not be inside the volume directory {p}")
+        _check_journal_dir(jdir)
     params = Params(
         uuid=str(_uuid.uuid4()), size=size, backend=backend, granularity=granularity,
         compress=compress, segment_size=segment_size,
+        journal=str(jdir) if jdir else "", journal_size=journal_size if jdir else 0,
         created=_dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat(),
     )
     try:
         p.mkdir(mode=0o700, exist_ok=True)
-        (p / "segments").mkdir(mode=0o700)
+        if jdir is None:
+            (p / "segments").mkdir(mode=0o700)
+        else:
+            jdir.mkdir(mode=0o700, exist_ok=True)
+            (jdir / "segments").mkdir(mode=0o700)
+            _atomic_write(jdir / JOURNAL_OWNER, (params.uuid + "\n").encode())
+            with open(p / IMAGE_FILE, "xb") as f:  # sparse: costs nothing until the mover writes
+                f.truncate(size)
+                os.fsync(f.fileno())
         _atomic_write(p / "volume.json", (json.dumps(asdict(params), indent=2) + "\n").encode())
     except PermissionError as e:
         raise InvalidArgument(f"cannot create volume in {p}: {e.strerror}") from None
@@ -208,8 +257,13 @@ def _check_params(params: Params) -> None:
     if not isinstance(params.uuid, str):
         raise InvalidArgument(f"uuid {params.uuid!r} is not a uuid")
     validate_size(_int_field("size", params.size, 1, MAX_SIZE))
-    if params.backend not in BACKENDS + ("image",):
-        raise InvalidArgument(f"backend {params.backend!r} is unknown (expected lsfs)")
+    if params.backend not in BACKENDS:
+        raise InvalidArgument(f"backend {params.backend!r} is unknown (expected lsfs or image)")
+    if params.backend == "image":
+        if not isinstance(params.journal, str) or not os.path.isabs(params.journal):
+            raise InvalidArgument(f"journal is {params.journal!r}, expected the change log's absolute path")
+        if params.journal_size:
+            _int_field("journal_size", params.journal_size, 16 << 20, 1 << 40)
     if params.block_size != BLOCK or isinstance(params.block_size, bool):
         raise InvalidArgument(f"block_size is {params.block_size!r}, expected {BLOCK}")
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
@@ -285,6 +339,7 @@ class Volume:
         self._n = native
         self._lock = lock
         self.recovery = report
+        self._mover_rate = 0.0  # bytes/s, an average over the last seconds of moving (run_mover)
 
     # ---- lifecycle ----
     @classmethod
@@ -294,10 +349,9 @@ class Volume:
         check); every change fails with ReadOnly."""
         p = Path(path).resolve()
         params = read_params(p)
-        if params.backend != "lsfs":
-            raise UnsupportedFormat(f"backend {params.backend!r} is not supported by this blockrep")
         if not os.access(p, os.R_OK | os.W_OK | os.X_OK):
             raise InvalidArgument(f"volume directory {p} is not readable and writable by this user")
+        logdir = _check_journal(p, params) if params.backend == "image" else p
         lock = Lock(p)
         lock.acquire(write_pid=not readonly)
         native = _native()
@@ -310,8 +364,11 @@ class Volume:
         vp.segment_size = params.segment_size
         vp.wbuf_size = wbuf_size
         vp.readonly = 1 if readonly else 0
+        image = ffi.new("char[]", str(p / IMAGE_FILE).encode()) if params.backend == "image" else ffi.NULL
+        vp.image_path = image
+        vp.journal_max = params.journal_size or DEFAULT_JOURNAL_SIZE
         rep = ffi.new("vol_report *")
-        h = lib.vol_open(str(p).encode(), vp, rep)
+        h = lib.vol_open(str(logdir).encode(), vp, rep)
         if h == ffi.NULL:
             err = ffi.errno
             msg = ffi.string(lib.vol_errmsg()).decode(errors="replace")
@@ -552,14 +609,57 @@ class Volume:
             lib.vol_pool_trim(self._v, keep)
         return done
 
+    # ---- the image backend's mover (docs/IMAGE.md §3) ----
+    @property
+    def has_mover(self) -> bool:
+        return self.params.backend == "image"
+
+    def move(self, max_bytes: int = MOVE_BATCH, seal: bool = True) -> int:
+        """Move up to max_bytes of head blocks from the change log into the image; returns the
+        bytes moved (0: nothing left). seal: also the active segment, and punch the image where
+        the head reads as trimmed once nothing is left (what a clean stop does)."""
+        r = self._n.lib.vol_move(self._v, max_bytes, 1 if seal else 0)
+        if r < 0:
+            self._raise("moving blocks into the image")
+        return r
+
+    def run_mover(self, stop, idle_seconds: float = 1.0) -> None:
+        """The background mover (a thread the server starts after it forks): moves while the
+        change log holds head data, seals the active segment once clients have been quiet for
+        idle_seconds, and keeps the rate `info` shows. Errors are logged by the caller's
+        logger and retried every few seconds (the log keeps every block meanwhile)."""
+        import logging
+        log = logging.getLogger("blockrep.mover")
+        last_req, quiet_since = None, _time.monotonic()
+        window_start, window_bytes = _time.monotonic(), 0
+        while not stop.is_set():
+            req = self.stats()["requests"]
+            now = _time.monotonic()
+            if req != last_req:
+                last_req, quiet_since = req, now
+            try:
+                moved = self.move(MOVE_BATCH, seal=now - quiet_since >= idle_seconds)
+            except BlockrepError as e:
+                log.error("mover: %s", e)
+                stop.wait(5)
+                continue
+            window_bytes += moved
+            if now - window_start >= 2:
+                self._mover_rate = window_bytes / (now - window_start)
+                window_start, window_bytes = now, 0
+            if moved == 0:
+                stop.wait(0.05)
+
     def maintain(self, busy: bool) -> None:
         """One round of background work. While clients are writing (`busy`) the collector only
         runs when disk use passes GC_BUSY_RATIO x live data and checkpoints only bound recovery
         (every CHECKPOINT_EVERY bytes of log): both cost foreground bandwidth (copies, fdatasync).
         When idle it collects down to GC_RATIO and checkpoints away dead segments."""
         st = self.stats()
-        if st["log_since_checkpoint"] > CHECKPOINT_EVERY:
-            self.checkpoint()
+        dead_bytes = st["dead_segments"] * self.params.segment_size
+        if st["log_since_checkpoint"] > CHECKPOINT_EVERY or (
+                self.has_mover and dead_bytes > max(64 << 20, st["journal_max_bytes"] // 4)):
+            self.checkpoint()  # (image) moved segments are deleted by the next checkpoint
         if busy:
             over = st["used_bytes"] > GC_BUSY_RATIO * st["live_blocks"] * BLOCK
             self.collect(ratio=GC_BUSY_RATIO, max_segments=8, drop_dead=over, trim_pool=False)
@@ -593,7 +693,50 @@ class Volume:
             "map_memory_bytes": st["map_bytes"],
             "corrupt_reads": st["corrupt_reads"],
             "recovery": self.recovery,
+            **(self._image_info(st) if self.has_mover else {}),
         }
+
+    def _image_info(self, st: dict) -> dict:
+        image = self.path / IMAGE_FILE
+        try:
+            image_used = os.stat(image).st_blocks * 512
+        except OSError:
+            image_used = 0
+        return {
+            "image": str(image),
+            "journal": self.params.journal,
+            "journal_pending_bytes": st["journal_pending_bytes"],
+            "journal_max_bytes": st["journal_max_bytes"],
+            "journal_used_bytes": st["used_bytes"],
+            "image_used_bytes": image_used,
+            "used_bytes": st["used_bytes"] + image_used,
+            "mover_bytes_per_second": round(self._mover_rate),
+            "image_moved_bytes": st["image_moved_bytes"],
+            "image_preserved_blocks": st["image_cbw_blocks"],
+            "image_current": bool(st["image_current"]),
+            "image_error": os.strerror(st["image_error"]) if st["image_error"] else None,
+        }
+
+
+def _check_journal(p: Path, params: Params) -> Path:
+    """The change-log directory of an image volume, checked before anything is opened: it
+    exists, and it is this volume's (DIR/owner names the uuid)."""
+    j = Path(params.journal)
+    try:
+        owner = (j / JOURNAL_OWNER).read_text().strip()
+    except FileNotFoundError:
+        raise NotFound(f"the change log {j} of volume {p} is missing (or not a blockrep change log): "
+                       "mount its disk, or restore the volume from a snapshot") from None
+    except PermissionError:
+        raise InvalidArgument(f"cannot read the change log {j}: permission denied") from None
+    except OSError as e:
+        raise from_errno(e.errno or _errno.EIO, f"cannot read the change log {j}: {e.strerror}") from None
+    if owner != params.uuid:
+        raise CorruptionError(f"the change log {j} belongs to volume {owner[:36]!r}, not to {p} ({params.uuid}): "
+                              "refusing to mix them")
+    if not (p / IMAGE_FILE).is_file():
+        raise NotFound(f"the image {p / IMAGE_FILE} of volume {p} is missing")
+    return j
 
 
 def disk_usage(path: str | os.PathLike) -> int:

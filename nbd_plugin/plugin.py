@@ -47,6 +47,7 @@ _THREAD_MODELS = {
 _thread_model = "serialize_requests"
 _stop = threading.Event()
 _worker = None
+_mover = None
 _control = None
 _dr = None
 _keep = None
@@ -142,9 +143,12 @@ def _maintain():
 
 
 def after_fork():
-    global _worker, _control
+    global _worker, _mover, _control
     _worker = threading.Thread(target=_maintain, name="blockrep-maintain", daemon=True)
     _worker.start()
+    if _vol.has_mover:  # the image backend: change log -> image, in the background
+        _mover = threading.Thread(target=_vol.run_mover, args=(_stop,), name="blockrep-mover", daemon=True)
+        _mover.start()
     _control = ControlServer(_vol, socket_path(_vol.path),
                              extra={"head_exclusive": _dr.head_exclusive, "head_release": _dr.head_release,
                                     "dr_promote": _dr.dr_promote, "dr_promote_done": _dr.dr_promote_done,
@@ -159,6 +163,8 @@ def cleanup():
         _control.stop()
     if _worker is not None:
         _worker.join()
+    if _mover is not None:
+        _mover.join()
     if _vol is not None:
         _vol.close()
         log.info("closed %s", _path)

@@ -99,12 +99,22 @@ def test_create_rejects_unknown_backend(tmp_path, backend):
                          tmp_path)
 
 
-def test_create_image_backend_is_refused_until_it_exists(tmp_path):
-    # The image backend is not in this release: refused with a clear line, nothing created.
-    # (When it lands, replace this with its own bad-input tests: e.g. --journal missing.)
+def test_create_image_backend_needs_a_journal(tmp_path):
+    msg = assert_fails_cleanly(["create", tmp_path / "vol", "--size", "64M", "--backend", "image"], tmp_path)
+    assert "--journal" in msg
+
+
+def test_create_image_backend_refuses_a_non_empty_journal_dir(tmp_path):
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "x").write_text("someone's file")
     msg = assert_fails_cleanly(["create", tmp_path / "vol", "--size", "64M", "--backend", "image",
-                                "--journal", tmp_path / "journal"], tmp_path)
-    assert "image" in msg
+                                "--journal", tmp_path / "j"], tmp_path)
+    assert "not empty" in msg
+
+
+def test_create_image_backend_refuses_a_journal_inside_the_volume(tmp_path):
+    assert_fails_cleanly(["create", tmp_path / "vol", "--size", "64M", "--backend", "image",
+                          "--journal", tmp_path / "vol" / "log"], tmp_path)
 
 
 def test_create_rejects_journal_for_lsfs(tmp_path):
