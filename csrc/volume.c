@@ -2393,6 +2393,10 @@ static int truncate_seg(vol *v, segmap *sm, size_t pos, vol_report *rep)
         if (io_ftruncate(seg_find(v, sm->id)->fd, pos) < 0)
             return fail(errno, "truncating torn segment: %s", strerror(errno));
         seg_find(v, sm->id)->file_size = pos;
+        /* synced before vol_open returns (sync_all): otherwise a power cut could bring the
+         * dropped tail back after newer segments hold durable records, and recovery, meeting
+         * damage with no durable marker after it, would drop those too (found by ACE, image) */
+        seg_find(v, sm->id)->needs_sync = 1;
     }
     sm->len = pos;
     v->dir_dirty = 1;
@@ -3087,7 +3091,14 @@ int vol_get_stats(vol *v, vol_stats *s)
 
 typedef struct mv_cand {
     uint64_t lba, loc;
+    uint8_t *data; /* the block's bytes in the mover's buffer */
 } mv_cand;
+
+static int cand_by_lba(const void *a, const void *b)
+{
+    uint64_t x = ((const mv_cand *)a)->lba, y = ((const mv_cand *)b)->lba;
+    return x < y ? -1 : x > y;
+}
 
 static int image_pread(vol *v, void *buf, size_t len, uint64_t off)
 {
@@ -3174,7 +3185,7 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
                         uint64_t loc = rc.flags & F_COMP ? bm_loc(BM_COMP, s->id, pos, b)
                                                          : bm_loc(BM_DATA, s->id, base + (uint64_t)b * BS, 0);
                         if (blockmap_get(v->head, rc.lba + b).loc == loc)
-                            c[n++] = (mv_cand){rc.lba + b, loc};
+                            c[n++] = (mv_cand){rc.lba + b, loc, NULL};
                     }
                 }
                 pos += rc.len;
@@ -3190,6 +3201,18 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
             return n;
         sealed_once = 1;
     }
+}
+
+/* Make everything in the log durable *and provably so* before the image changes: sync, a FLUSH
+ * marker, sync again. Recovery replays records past a damaged spot (say a stale tail left in
+ * an older segment) only when a durable marker follows it (FORMAT.md §3); without one it
+ * would drop records whose blocks the image already holds, and IMAGE entries of the
+ * checkpoint would then meet newer bytes (found by the ACE crash states). */
+static int log_barrier(vol *v)
+{
+    if (flush_locked(v) < 0)
+        return -1;
+    return sync_all(v);
 }
 
 static int image_write_all(vol *v, const uint8_t *buf, size_t len, uint64_t off)
@@ -3258,8 +3281,8 @@ static int64_t punch_pass(vol *v)
             nr++;
         }
     }
-    if (r == 0)
-        r = sync_all(v); /* the preserved copies are durable before the image loses them */
+    if (r == 0 && nr)
+        r = log_barrier(v); /* the preserved copies are durable before the image loses them */
     uint64_t epoch = v->tomb_epoch;
     pthread_mutex_unlock(&v->lock);
     pthread_mutex_unlock(&v->ckpt_lock);
@@ -3311,11 +3334,14 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         }
         /* the version the head maps, checked against its CRC: a damaged block stays in the log
          * (its reads keep failing) rather than reach the image */
-        if (read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0)
-            c[keep++] = c[i];
+        if (read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0) {
+            c[keep] = c[i];
+            c[keep].data = buf + keep * BS;
+            keep++;
+        }
     }
     if (r == 0 && n)
-        r = sync_all(v);
+        r = log_barrier(v);
     if (r == 0 && !n && seal && v->head_log_blocks == 0 && v->tomb_pending) {
         pthread_mutex_unlock(&v->lock);
         pthread_mutex_unlock(&v->ckpt_lock);
@@ -3329,12 +3355,14 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         free(c);
         return r < 0 ? -1 : n ? -2 : 0; /* -2: only damaged blocks were picked; pick again */
     }
-    /* B: into the image, runs of consecutive blocks in one pwrite */
+    /* B: into the image in LBA order, runs of consecutive blocks (adjacent in the buffer too)
+     * in one pwrite */
+    qsort(c, keep, sizeof *c, cand_by_lba);
     for (size_t i = 0; i < keep;) {
         size_t j = i + 1;
-        while (j < keep && c[j].lba == c[j - 1].lba + 1 && (j - i) < (64u << 20) / BS)
+        while (j < keep && c[j].lba == c[j - 1].lba + 1 && c[j].data == c[j - 1].data + BS)
             j++;
-        if (image_write_all(v, buf + i * BS, (j - i) * BS, c[i].lba * BS) < 0) {
+        if (image_write_all(v, c[i].data, (j - i) * BS, c[i].lba * BS) < 0) {
             free(buf);
             free(c);
             return image_failed(v, "writing");
