@@ -328,6 +328,19 @@ def _native():
     return _native
 
 
+@dataclass(frozen=True)
+class RequestCalls:
+    """See Volume.request_calls."""
+
+    read: object
+    snapshot_read: object
+    write: object
+    zero: object
+    flush: object
+    from_buffer: object
+    last_error: object
+
+
 class Volume:
     """An open lsfs volume. Use as a context manager or call close()."""
 
@@ -380,6 +393,23 @@ class Volume:
             # a server killed again and again would otherwise replay the same log every time
             vol.checkpoint()
         return vol
+
+    def request_calls(self) -> RequestCalls:
+        """The request path's C calls bound to this volume, for a caller that pays per request
+        (the nbdkit plugin: one C call per NBD request, no Python wrapper in between). Each call
+        returns 0, or non-zero with the reason in last_error(); buffers go through from_buffer
+        (require_writable=True for reads). Valid until close()."""
+        from functools import partial
+        lib, ffi = self._n.lib, self._n.ffi
+        return RequestCalls(
+            read=partial(lib.vol_read, self._v), snapshot_read=partial(lib.vol_snap_read, self._v),
+            write=partial(lib.vol_write, self._v), zero=partial(lib.vol_zero, self._v),
+            flush=partial(lib.vol_flush, self._v), from_buffer=ffi.from_buffer, last_error=self.last_error)
+
+    def last_error(self) -> tuple[int, str]:
+        """(errno, message) of this thread's last failed engine call; EBADMSG means damage."""
+        ffi, lib = self._n.ffi, self._n.lib
+        return ffi.errno or _errno.EIO, ffi.string(lib.vol_errmsg()).decode(errors="replace")
 
     def close(self) -> None:
         if self._v is None:
