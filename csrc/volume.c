@@ -3210,6 +3210,38 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
  * checkpoint would then meet newer bytes (found by the ACE crash states). */
 static int log_barrier(vol *v)
 {
+    /* The bulk of the bytes is synced without v->lock (requests go on meanwhile; the caller's
+     * ckpt_lock keeps the collector and checkpoints away); needs_sync stays set, so a client
+     * flush meanwhile still syncs for itself. Then, under the lock, what came meanwhile, the
+     * marker, and the marker itself: small. */
+    if (v->sync_err)
+        return sync_failed(v);
+    if (flush_wbuf(v) < 0)
+        return -1;
+    int *fds = malloc((v->nsegs ? v->nsegs : 1) * sizeof *fds);
+    if (!fds)
+        return fail(ENOMEM, "out of memory for the mover");
+    size_t n = 0;
+    for (size_t i = 0; i < v->nsegs; i++)
+        if (v->segs[i].fd >= 0 && v->segs[i].needs_sync) {
+            int d = fcntl(v->segs[i].fd, F_DUPFD_CLOEXEC, 0);
+            if (d >= 0)
+                fds[n++] = d;
+        }
+    pthread_mutex_unlock(&v->lock);
+    int err = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!err && io_fdatasync(fds[i]) < 0)
+            err = errno;
+        close(fds[i]);
+    }
+    free(fds);
+    pthread_mutex_lock(&v->lock);
+    if (err) {
+        if (!v->sync_err)
+            v->sync_err = err;
+        return fail(err, "fdatasync of the change log before moving blocks: %s", strerror(err));
+    }
     if (flush_locked(v) < 0)
         return -1;
     return sync_all(v);
@@ -3281,9 +3313,9 @@ static int64_t punch_pass(vol *v)
             nr++;
         }
     }
+    uint64_t epoch = v->tomb_epoch; /* before the barrier drops the lock: later tombstones are not punched here */
     if (r == 0 && nr)
         r = log_barrier(v); /* the preserved copies are durable before the image loses them */
-    uint64_t epoch = v->tomb_epoch;
     pthread_mutex_unlock(&v->lock);
     pthread_mutex_unlock(&v->ckpt_lock);
     if (r < 0) {
