@@ -653,6 +653,14 @@ class Volume:
             self._raise("moving blocks into the image")
         return r
 
+    def drain(self) -> int:
+        """Move everything still in the change log into the image and punch what the head
+        trimmed (what a clean stop does); returns the bytes moved."""
+        total = 0
+        while moved := self.move(64 << 20, seal=True):
+            total += moved
+        return total
+
     def run_mover(self, stop, idle_seconds: float = 1.0) -> None:
         """The background mover (a thread the server starts after it forks): moves while the
         change log holds head data, seals the active segment once clients have been quiet for
