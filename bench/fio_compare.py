@@ -230,6 +230,9 @@ class Server:
             )
         wait_for_socket(self.sock, timeout, self.alive)
 
+    def after_prefill(self, ingest_mibs: float, seconds: float) -> None:
+        """Called once the prefill is written (the image backend waits for its mover)."""
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log.read_text(errors="replace").strip().splitlines()
@@ -372,9 +375,6 @@ class Blockrep(Server):
 
     def alive(self) -> bool:
         return bool(self.pids()) or socket_accepts(self.sock)
-
-    def after_prefill(self, ingest_mibs: float, seconds: float) -> None:
-        """Called once the prefill is written (the image backend waits for its mover)."""
 
     def log_tail(self, lines: int = 5) -> str:
         # `blockrep serve` keeps its own log in the volume directory.

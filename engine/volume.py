@@ -46,6 +46,7 @@ POOL_IDLE = 4  # recycled segment files kept when idle (up to 64 while busy)
 BACKENDS = ("lsfs", "image")
 DEFAULT_JOURNAL_SIZE = 1 << 30  # image backend: head data the change log holds before writes wait
 MOVE_BATCH = 4 << 20  # the mover's batch (docs/IMAGE.md §3)
+MOVER_BUSY_FRACTION = 4  # while clients are busy the mover waits until the log holds max/4
 IMAGE_FILE = "image.raw"
 JOURNAL_OWNER = "owner"
 NO_SNAPSHOT = 0xFFFFFFFF  # vol_diff: "since the volume was created"
@@ -664,19 +665,27 @@ class Volume:
     def run_mover(self, stop, idle_seconds: float = 1.0) -> None:
         """The background mover (a thread the server starts after it forks): moves while the
         change log holds head data, seals the active segment once clients have been quiet for
-        idle_seconds, and keeps the rate `info` shows. Errors are logged by the caller's
+        idle_seconds, and keeps the rate `info` shows. While clients are busy it starts only
+        once the log holds a quarter of journal_size. Errors are logged by the caller's
         logger and retried every few seconds (the log keeps every block meanwhile)."""
         import logging
         log = logging.getLogger("blockrep.mover")
         last_req, quiet_since = None, _time.monotonic()
         window_start, window_bytes = _time.monotonic(), 0
         while not stop.is_set():
-            req = self.stats()["requests"]
+            st = self.stats()
+            req = st["requests"]
             now = _time.monotonic()
             if req != last_req:
                 last_req, quiet_since = req, now
+            quiet = now - quiet_since >= idle_seconds
+            if not quiet and st["journal_pending_bytes"] < st["journal_max_bytes"] // MOVER_BUSY_FRACTION:
+                # clients are busy and the log has room: moving now would only compete with them
+                # for the disk and the CPU (as the collector waits while busy)
+                stop.wait(0.1)
+                continue
             try:
-                moved = self.move(MOVE_BATCH, seal=now - quiet_since >= idle_seconds)
+                moved = self.move(MOVE_BATCH, seal=quiet)
             except BlockrepError as e:
                 log.error("mover: %s", e)
                 stop.wait(5)
