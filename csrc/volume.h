@@ -1,5 +1,5 @@
 /* The lsfs volume: a log of checksummed records in segment files plus a block map.
- * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume.py.
+ * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume/ (interface.py).
  *
  * Locking (every function below takes what it needs; callers hold nothing):
  *  - v->lock, one mutex per volume: every public function takes it for its whole duration,

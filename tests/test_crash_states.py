@@ -14,13 +14,12 @@ crash images then also hold image.raw as a power cut leaves it (punches included
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
-
-import json
 
 import iorecord
 import pytest
