@@ -3265,6 +3265,14 @@ static int64_t image_failed(vol *v, const char *what)
 {
     int e = errno ? errno : EIO;
     pthread_mutex_lock(&v->lock);
+    v->move_seg = 0; /* the cursor passed blocks that did not get moved: scan again */
+    pthread_mutex_unlock(&v->lock);
+    /* A full image filesystem refused the bytes before they were anything: nothing is unknown,
+     * the next batch tries again once space returns. Any other failure (and every failed
+     * fdatasync) leaves the image's contents unknown: sticky. */
+    if (e == ENOSPC && strcmp(what, "syncing") != 0)
+        return fail(e, "%s the image: %s (the mover retries; the change log keeps every block)", what, strerror(e));
+    pthread_mutex_lock(&v->lock);
     if (!v->image_err)
         v->image_err = e;
     pthread_mutex_unlock(&v->lock);
@@ -3380,6 +3388,8 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         free(c);
         return punch_pass(v);
     }
+    if (r < 0)
+        v->move_seg = 0; /* nothing of this batch moved: its segments are scanned again */
     pthread_mutex_unlock(&v->lock);
     pthread_mutex_unlock(&v->ckpt_lock);
     if (r < 0 || keep == 0) {
