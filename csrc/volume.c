@@ -2835,13 +2835,12 @@ int vol_close(vol *v)
     }
     int r = 0;
     if (v->image_fd >= 0) { /* drain: the image alone is then the volume (docs/IMAGE.md §1) */
-        int64_t m;
-        while ((m = vol_move(v, 64u << 20, 1)) > 0)
+        /* best effort: a mover that cannot write the image (full, failing) leaves the blocks in
+         * the change log, which the checkpoint below and the next open keep */
+        while (vol_move(v, 64u << 20, 1) > 0)
             ;
-        r = m < 0 ? -1 : 0;
     }
-    if (r == 0)
-        r = vol_checkpoint(v);
+    r = vol_checkpoint(v);
     if (r == 0) {
         pthread_mutex_lock(&v->lock);
         r = flush_locked(v);
