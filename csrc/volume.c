@@ -656,7 +656,7 @@ static int map_set(vol *v, uint64_t lba, bm_entry e)
         if (g)
             g->live_blocks++;
         v->head_log_blocks++;
-    } else if (k == BM_ZERO || k == BM_TRIM) {
+    } else if ((k == BM_ZERO || k == BM_TRIM) && v->image_fd >= 0) {
         v->tomb_pending = 1;
         v->tomb_epoch++;
     }
@@ -2702,9 +2702,11 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     }
     if (p->image_path) {
         struct stat st;
-        v->image_fd = open(p->image_path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        v->image_fd = open(p->image_path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOFOLLOW);
         if (v->image_fd < 0) {
-            fail(errno, "opening the image %s: %s", p->image_path, strerror(errno));
+            fail(errno == ELOOP ? EBADMSG : errno, "opening the image %s: %s", p->image_path,
+                 errno == ELOOP ? "it is a symbolic link (refused: a planted link must not redirect writes)"
+                                : strerror(errno));
             goto err;
         }
         if (fstat(v->image_fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->size) {
@@ -3091,6 +3093,7 @@ int vol_get_stats(vol *v, vol_stats *s)
 typedef struct mv_cand {
     uint64_t lba, loc;
     uint8_t *data; /* the block's bytes in the mover's buffer */
+    uint32_t crc;  /* CRC-32C of those bytes (what the IMAGE entry will carry) */
 } mv_cand;
 
 static int cand_by_lba(const void *a, const void *b)
@@ -3184,7 +3187,7 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
                         uint64_t loc = rc.flags & F_COMP ? bm_loc(BM_COMP, s->id, pos, b)
                                                          : bm_loc(BM_DATA, s->id, base + (uint64_t)b * BS, 0);
                         if (blockmap_get(v->head, rc.lba + b).loc == loc)
-                            c[n++] = (mv_cand){rc.lba + b, loc, NULL};
+                            c[n++] = (mv_cand){rc.lba + b, loc, NULL, 0};
                     }
                 }
                 pos += rc.len;
@@ -3289,10 +3292,14 @@ static int64_t punch_pass(vol *v)
     uint64_t *runs = NULL; /* (lba, n) pairs */
     uint8_t tmp[BS];
     int r = 0;
+    /* Every tombstone of the head, not only those since the last pass: generations advance only
+     * at snapshots, so "newer than the last pass" cannot be told from them (a block trimmed,
+     * rewritten, moved and trimmed again keeps one generation). Not done: a list of the ranges
+     * trimmed since the last pass. */
     for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX && r == 0;
          li = blockmap_next_leaf(v->head, li + 1)) {
         for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
-            const bm_leaf *l = blockmap_leaf(v->head, li); /* preserve_image_block may copy nothing of the head, but re-read */
+            const bm_leaf *l = blockmap_leaf(v->head, li);
             unsigned k = bm_kind(l->e[i].loc);
             if (k != BM_ZERO && k != BM_TRIM)
                 continue;
@@ -3376,6 +3383,7 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         if (read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0) {
             c[keep] = c[i];
             c[keep].data = buf + keep * BS;
+            c[keep].crc = crc32c(c[keep].data, BS);
             keep++;
         }
     }
@@ -3421,9 +3429,11 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
     uint64_t moved = 0;
     for (size_t i = 0; i < keep; i++) {
         int any = 0;
+        /* a compressed entry's crc is its record's; in the image the block's own CRC describes it */
+        int comp = bm_kind(c[i].loc) == BM_COMP;
         for (uint32_t m = 0; m <= v->nsnaps; m++) {
             blockmap *map = m ? v->snaps[m - 1].map : v->head;
-            if (blockmap_relocate(map, c[i].lba, c[i].loc, IMAGE_LOC)) {
+            if (blockmap_relocate_crc(map, c[i].lba, c[i].loc, IMAGE_LOC, comp, c[i].crc)) {
                 seg_info *os = seg_find(v, bm_seg(c[i].loc));
                 if (os && os->live_blocks)
                     os->live_blocks--;

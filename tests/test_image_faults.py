@@ -86,3 +86,51 @@ def test_a_failed_image_punch_stops_the_mover_until_reopen_and_loses_nothing(tmp
     with open(tmp_path / "v" / "image.raw", "rb") as f:
         img = f.read()
     assert img[:8 * MiB] == bytes(data) and img[12 * MiB:12 * MiB + 4096] == b"y" * 4096
+
+
+def test_a_compressed_change_log_moved_into_the_image_reads_back(tmp_path):
+    """Regression (review of c6f2e50): a compressed entry's crc is its record's, so a moved
+    block kept a crc the image block could never match: every moved block read EIO."""
+    volume.create(tmp_path / "v", 4 * MiB, backend="image", journal=tmp_path / "j", compress="zstd")
+    data = b"text-like data " * (MiB // 15) + b"x" * (MiB % 15)
+    with Volume.open(tmp_path / "v") as v:
+        v.write(data, 0)
+        v.snapshot_create("s1")
+        _drain(v)
+        v.write(b"new!" * 1024, 0)  # over a moved block a snapshot maps: copy-before-write
+        _drain(v)
+        assert v.read(MiB, 0) == b"new!" * 1024 + data[4096:]
+        assert v.snapshot_read(v.snapshot("s1")["id"], MiB, 0) == data
+    with Volume.open(tmp_path / "v") as v:
+        assert v.read(MiB, 0) == b"new!" * 1024 + data[4096:]
+        assert v.snapshot_read(v.snapshot("s1")["id"], MiB, 0) == data
+        assert v.recovery["corrupt_records"] == 0
+
+
+def test_a_close_after_an_image_error_keeps_unflushed_writes(tmp_path):
+    """Regression: a drain that failed made close skip its flush and checkpoint."""
+    volume.create(tmp_path / "v", 4 * MiB, backend="image", journal=tmp_path / "j")
+    v = Volume.open(tmp_path / "v")
+    v.write(b"A" * 4096, 0)
+    v.trim(4096, 0)
+    faults.inject(faults.OPS["punch"], 1, 5)
+    try:
+        with pytest.raises(BlockrepError):
+            _drain(v)
+    finally:
+        faults.off()
+    v.write(b"B" * 4096, 8 * 4096)  # not flushed: the close must make it durable
+    v.close()
+    with Volume.open(tmp_path / "v", readonly=True) as v:
+        assert v.read(4096, 8 * 4096) == b"B" * 4096
+
+
+def test_an_image_replaced_by_a_symbolic_link_is_refused(tmp_path):
+    volume.create(tmp_path / "v", 4 * MiB, backend="image", journal=tmp_path / "j")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious" * (4 * MiB // 8))
+    (tmp_path / "v" / "image.raw").unlink()
+    (tmp_path / "v" / "image.raw").symlink_to(victim)
+    with pytest.raises(BlockrepError, match="not a regular file"):
+        Volume.open(tmp_path / "v")
+    assert victim.read_bytes()[:8] == b"precious"

@@ -8,6 +8,7 @@ import errno as _errno
 import json
 import os
 import re
+import stat
 import uuid as _uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,6 +91,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
@@ -179,10 +188,12 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
             jdir.mkdir(mode=0o700, exist_ok=True)
             (jdir / "segments").mkdir(mode=0o700)
             _atomic_write(jdir / JOURNAL_OWNER, (params.uuid + "\n").encode())
+            _fsync_dir(jdir.parent)  # the change log's name is durable before volume.json names it
             with open(p / IMAGE_FILE, "xb") as f:  # sparse: costs nothing until the mover writes
                 f.truncate(size)
                 os.fsync(f.fileno())
         _atomic_write(p / "volume.json", (json.dumps(asdict(params), indent=2) + "\n").encode())
+        _fsync_dir(p.resolve().parent)  # the volume directory itself survives a power cut after create
     except PermissionError as e:
         raise InvalidArgument(f"cannot create volume in {p}: {e.strerror}") from None
     except OSError as e:
@@ -272,8 +283,13 @@ def _check_journal(p: Path, params: Params) -> Path:
     if owner != params.uuid:
         raise CorruptionError(f"the change log {j} belongs to volume {owner[:36]!r}, not to {p} ({params.uuid}): "
                               "refusing to mix them")
-    if not (p / IMAGE_FILE).is_file():
-        raise NotFound(f"the image {p / IMAGE_FILE} of volume {p} is missing")
+    try:
+        st = os.lstat(p / IMAGE_FILE)
+    except FileNotFoundError:
+        raise NotFound(f"the image {p / IMAGE_FILE} of volume {p} is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptionError(f"the image {p / IMAGE_FILE} is not a regular file (a symbolic link?): refused, "
+                              "writes must not be redirected")
     return j
 
 
