@@ -154,8 +154,8 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
     if backend == "image":
         if not journal:
             raise InvalidArgument("the image backend needs --journal DIR (the change log, ideally on another disk)")
-        if journal_size and not (16 << 20) <= journal_size <= (1 << 40):
-            raise InvalidArgument("journal size must be between 16M and 1T")
+        if journal_size and not (4 << 20) <= journal_size <= (1 << 40):
+            raise InvalidArgument("journal size must be between 4M and 1T")
     elif journal or journal_size:
         raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
     if compress not in ("none", "zstd"):
@@ -256,7 +256,7 @@ def _check_params(params: Params) -> None:
         if not isinstance(params.journal, str) or not os.path.isabs(params.journal):
             raise InvalidArgument(f"journal is {params.journal!r}, expected the change log's absolute path")
         if params.journal_size:
-            _int_field("journal_size", params.journal_size, 16 << 20, 1 << 40)
+            _int_field("journal_size", params.journal_size, 4 << 20, 1 << 40)
     if params.block_size != BLOCK or isinstance(params.block_size, bool):
         raise InvalidArgument(f"block_size is {params.block_size!r}, expected {BLOCK}")
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
