@@ -4,7 +4,7 @@ Notes on the design:
 - ``volume.json`` (docs/FORMAT.md §1) is written once at create, atomically.
 - One process owns an open volume: ``Volume.open`` takes an exclusive flock on ``VOL/lock`` and
   holds it until ``close`` (FORMAT.md §6). A second opener gets VolumeBusy at once.
-- Every data call is one call into the C engine (csrc/volume.c), which releases the GIL. The
+- Every data call is one call into the C engine (csrc/lsfs/, csrc/log/, csrc/image/), which releases the GIL. The
   ``maintain`` method (checkpoint when the log grew, collect garbage) is meant for a background
   thread; it also only calls C.
 """
@@ -32,11 +32,10 @@ from .errors import (
     VolumeBusy,
     from_errno,
 )
+from .limits import BLOCK, MAX_SIZE, NO_SNAPSHOT, SEGMENT_MAX, SEGMENT_MIN, SNAP_NAME_MAX, ZSTD_LEVEL
 
 FORMAT_NAME = "blockrep-volume"
 FORMAT_VERSION = 1
-BLOCK = 4096
-MAX_SIZE = 16 << 40
 DEFAULT_SEGMENT = 32 << 20
 REPLAY_CHECKPOINT = 64 << 20  # checkpoint right after a recovery that replayed more than this
 CHECKPOINT_EVERY = 2 << 30  # bytes of log since the last checkpoint (recovery replays ~0.2 s/GiB)
@@ -48,8 +47,7 @@ DEFAULT_JOURNAL_SIZE = 1 << 30  # image backend: head data the change log holds 
 MOVE_BATCH = 4 << 20  # the mover's batch (docs/IMAGE.md §3)
 IMAGE_FILE = "image.raw"
 JOURNAL_OWNER = "owner"
-NO_SNAPSHOT = 0xFFFFFFFF  # vol_diff: "since the volume was created"
-SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+SNAPSHOT_NAME = re.compile(rf"[A-Za-z0-9._-]{{1,{SNAP_NAME_MAX}}}")
 
 
 def validate_snapshot_name(name: str) -> str:
@@ -169,7 +167,7 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
         raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
     if compress not in ("none", "zstd"):
         raise InvalidArgument(f"unknown compression {compress!r} (choose none or zstd)")
-    if not (1 << 20) <= segment_size <= (256 << 20):
+    if not SEGMENT_MIN <= segment_size <= SEGMENT_MAX:
         raise InvalidArgument("segment size must be between 1M and 256M")
     if p.exists():
         if not p.is_dir():
@@ -269,7 +267,7 @@ def _check_params(params: Params) -> None:
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
     if params.compress not in ("none", "zstd"):
         raise InvalidArgument(f"compress is {params.compress!r}, expected none or zstd")
-    _int_field("segment_size", params.segment_size, 1 << 20, 256 << 20)
+    _int_field("segment_size", params.segment_size, SEGMENT_MIN, SEGMENT_MAX)
     if not isinstance(params.created, str):
         raise InvalidArgument(f"created is {params.created!r}, expected an ISO 8601 time")
 
@@ -360,7 +358,7 @@ class Volume:
         vp.size = params.size
         ffi.memmove(vp.uuid, _uuid.UUID(params.uuid).bytes, 16)
         vp.compress = 1 if params.compress == "zstd" else 0
-        vp.zstd_level = 1  # fastest standard level: the request path pays for it
+        vp.zstd_level = ZSTD_LEVEL  # fastest standard level: the request path pays for it
         vp.segment_size = params.segment_size
         vp.wbuf_size = wbuf_size
         vp.readonly = 1 if readonly else 0
