@@ -1,8 +1,8 @@
 /* The lsfs volume: a log of checksummed records in segment files plus a block map.
- * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume.py. The code: csrc/log/ (the log
- * both backends use), csrc/lsfs/ (the engine; internal.h has its struct and rules), csrc/image/.
- * engine/_native_build.py copies the declarations below for cffi; tests/test_native_build.py
- * checks that copy against this file.
+ * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume/ (interface.py). The code: csrc/log/
+ * (the log both backends use), csrc/lsfs/ (the engine; internal.h has its struct and rules),
+ * csrc/image/. engine/_native_build.py copies the declarations below for cffi;
+ * tests/test_native_build.py checks that copy against this file.
  *
  * Locking (every function below takes what it needs; callers hold nothing):
  *  - v->lock, one mutex per volume: every public function takes it for its whole duration,

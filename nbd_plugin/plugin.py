@@ -58,7 +58,7 @@ _psk_users: list[str] = []
 log = logging.getLogger("blockrep.server")
 
 # Hot-path globals, bound in get_ready so each callback is one attribute-free C call.
-_v = _lib = _ffi = _from_buffer = None
+_rc = _from_buffer = None  # Volume.request_calls(): the C calls of the request path
 _FUA = nbdkit.FLAG_FUA
 
 
@@ -117,15 +117,15 @@ def thread_model():
 
 
 def get_ready():
-    global _vol, _v, _lib, _ffi, _from_buffer, _dr
+    global _vol, _rc, _from_buffer, _dr
     try:
         _vol = Volume.open(_path)
         _dr = DRServer(_vol, keep=_keep, allow_remote_prune=_allow_remote_prune, keep_min_age=_keep_min_age,
                        peer=_peer, gfs=_gfs or None)
     except BlockrepError as e:
         raise RuntimeError(str(e)) from None
-    _v, _lib, _ffi = _vol._v, _vol._n.lib, _vol._n.ffi
-    _from_buffer = _ffi.from_buffer
+    _rc = _vol.request_calls()
+    _from_buffer = _rc.from_buffer
     log.info("opened %s (%s), recovery %s", _path, _vol.params.uuid, _vol.recovery)
 
 
@@ -300,8 +300,7 @@ def can_multi_conn(h):
 
 
 def _fail(what):
-    err = _ffi.errno or errno.EIO
-    msg = _ffi.string(_lib.vol_errmsg()).decode(errors="replace")
+    err, msg = _rc.last_error()
     if err == errno.EBADMSG:  # the engine's word for corruption; NBD clients get EIO
         err = errno.EIO
         log.error("%s: corruption: %s", what, msg)
@@ -319,10 +318,10 @@ def _refused(e):
 def pread(h, buf, offset, flags):
     k = h.kind
     if k == 0:
-        if _lib.vol_read(_v, _from_buffer(buf, require_writable=True), len(buf), offset):
+        if _rc.read(_from_buffer(buf, require_writable=True), len(buf), offset):
             _fail("read")
     elif k == 1:
-        if _lib.vol_snap_read(_v, h.map_id, _from_buffer(buf, require_writable=True), len(buf), offset):
+        if _rc.snapshot_read(h.map_id, _from_buffer(buf, require_writable=True), len(buf), offset):
             _fail("read")
     else:
         try:
@@ -339,7 +338,7 @@ def _over():
 def pwrite(h, buf, offset, flags):
     t = h.transfer
     if t is None:
-        if _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
+        if _rc.write(_from_buffer(buf), len(buf), offset, flags & _FUA):
             _fail("write")
         return
     # a DR transfer's write: bracketed so that a commit waits for it (drserver.Transfer)
@@ -351,14 +350,14 @@ def pwrite(h, buf, offset, flags):
                 h.pwrite(buf, offset)
             except BlockrepError as e:
                 _refused(e)
-        elif _lib.vol_write(_v, _from_buffer(buf), len(buf), offset, flags & _FUA):
+        elif _rc.write(_from_buffer(buf), len(buf), offset, flags & _FUA):
             _fail("write")
     finally:
         t.leave()
 
 
 def flush(h, flags):
-    if _lib.vol_flush(_v):
+    if _rc.flush():
         _fail("flush")
 
 
@@ -367,7 +366,7 @@ def _zero(h, count, offset, flags, trim, what):
     if t is not None and not t.enter():
         _over()
     try:
-        if _lib.vol_zero(_v, count, offset, flags & _FUA, trim):
+        if _rc.zero(count, offset, flags & _FUA, trim):
             _fail(what)
     finally:
         if t is not None:

@@ -78,6 +78,11 @@ class CrashFS:
                 w = ("w", off, data)
                 _apply(node.cur, w)
                 node.pending.append(w)
+            elif op == io.PUNCH:  # a hole reads as zeros; unsynced, it may or may not be there
+                node = inodes.setdefault(cur_id(ino), Inode())
+                w = ("w", off, bytes(length))
+                _apply(node.cur, w)
+                node.pending.append(w)
             elif op == io.FTRUNCATE:
                 node = inodes.setdefault(cur_id(ino), Inode())
                 _apply(node.cur, ("t", length))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from engine import _native
 
 ffi, lib = _native.ffi, _native.lib
-PWRITE, FDATASYNC, FSYNCDIR, OPENAT, RENAMEAT, UNLINKAT, FTRUNCATE, MKDIRAT = (1, 2, 4, 8, 16, 32, 64, 128)
+PWRITE, FDATASYNC, FSYNCDIR, OPENAT, RENAMEAT, UNLINKAT, FTRUNCATE, MKDIRAT, PUNCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _handler = None
 
 

@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import threading
+from pathlib import Path
 
 import iorecord
 import pytest
@@ -281,7 +282,7 @@ def test_a_checkpoint_that_cannot_get_a_descriptor_to_sync_a_segment_fails(tmp_p
     volume.create(p, 8 * MiB, segment_size=MiB)
     script = textwrap.dedent(f"""
         import os, resource, sys
-        sys.path.insert(0, {str(volume.Path(volume.__file__).resolve().parent.parent)!r})
+        sys.path.insert(0, {str(Path(volume.__file__).resolve().parent.parent.parent)!r})
         from engine.volume import Volume
         from engine.errors import BlockrepError
         v = Volume.open({str(p)!r})

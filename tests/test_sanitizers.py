@@ -43,18 +43,22 @@ def _run(binary: Path, workdir: Path, rounds: int, ops: int, *extra: str, env=No
     return r.stdout
 
 
-@pytest.mark.parametrize("compress", ["", "compress"])
+@pytest.mark.parametrize("compress", ["", "compress", "image"])
 def test_concurrency_stress_is_clean_under_asan_and_ubsan(tmp_path, compress):
     b = _build(tmp_path, "address,undefined")
-    out = _run(b, tmp_path / "vol", 8, 3000, *([compress] if compress else []),
+    rounds, ops = (3, 800) if compress == "image" else (8, 3000)  # the image mover costs more per op
+    out = _run(b, tmp_path / "vol", rounds, ops, *([compress] if compress else []),
                env={"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"})
     assert "ok" in out
     print(out.strip())
 
 
-def test_concurrency_stress_is_clean_under_tsan(tmp_path):
+@pytest.mark.parametrize("mode", ["", "image"])
+def test_concurrency_stress_is_clean_under_tsan(tmp_path, mode):
     b = _build(tmp_path, "thread")
-    out = _run(b, tmp_path / "vol", 3, 2000, env={"TSAN_OPTIONS": "halt_on_error=1 second_deadlock_stack=1"})
+    rounds, ops = (2, 400) if mode else (3, 2000)
+    out = _run(b, tmp_path / "vol", rounds, ops, *([mode] if mode else []),
+               env={"TSAN_OPTIONS": "halt_on_error=1 second_deadlock_stack=1"})
     assert "ok" in out
     print(out.strip())
 

@@ -63,7 +63,14 @@ void image_journal_backpressure(vol *v, uint64_t count)
 
 typedef struct mv_cand {
     uint64_t lba, loc;
+    uint8_t *data; /* the block's bytes in the mover's buffer */
 } mv_cand;
+
+static int cand_by_lba(const void *a, const void *b)
+{
+    uint64_t x = ((const mv_cand *)a)->lba, y = ((const mv_cand *)b)->lba;
+    return x < y ? -1 : x > y;
+}
 
 static int image_pread(vol *v, void *buf, size_t len, uint64_t off)
 {
@@ -150,7 +157,7 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
                         uint64_t loc = rc.flags & F_COMP ? bm_loc(BM_COMP, s->id, pos, b)
                                                          : bm_loc(BM_DATA, s->id, base + (uint64_t)b * BS, 0);
                         if (blockmap_get(v->head, rc.lba + b).loc == loc)
-                            c[n++] = (mv_cand){rc.lba + b, loc};
+                            c[n++] = (mv_cand){rc.lba + b, loc, NULL};
                     }
                 }
                 pos += rc.len;
@@ -166,6 +173,50 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
             return n;
         sealed_once = 1;
     }
+}
+
+/* Make everything in the log durable *and provably so* before the image changes: sync, a FLUSH
+ * marker, sync again. Recovery replays records past a damaged spot (say a stale tail left in
+ * an older segment) only when a durable marker follows it (FORMAT.md §3); without one it
+ * would drop records whose blocks the image already holds, and IMAGE entries of the
+ * checkpoint would then meet newer bytes (found by the ACE crash states). */
+static int log_barrier(vol *v)
+{
+    /* The bulk of the bytes is synced without v->lock (requests go on meanwhile; the caller's
+     * ckpt_lock keeps the collector and checkpoints away); needs_sync stays set, so a client
+     * flush meanwhile still syncs for itself. Then, under the lock, what came meanwhile, the
+     * marker, and the marker itself: small. */
+    if (v->sync_err)
+        return log_sync_failed(v);
+    if (log_flush_wbuf(v) < 0)
+        return -1;
+    int *fds = malloc((v->nsegs ? v->nsegs : 1) * sizeof *fds);
+    if (!fds)
+        return lsfs_fail(ENOMEM, "out of memory for the mover");
+    size_t n = 0;
+    for (size_t i = 0; i < v->nsegs; i++)
+        if (v->segs[i].fd >= 0 && v->segs[i].needs_sync) {
+            int d = fcntl(v->segs[i].fd, F_DUPFD_CLOEXEC, 0);
+            if (d >= 0)
+                fds[n++] = d;
+        }
+    pthread_mutex_unlock(&v->lock);
+    int err = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!err && io_fdatasync(fds[i]) < 0)
+            err = errno;
+        close(fds[i]);
+    }
+    free(fds);
+    pthread_mutex_lock(&v->lock);
+    if (err) {
+        if (!v->sync_err)
+            v->sync_err = err;
+        return lsfs_fail(err, "fdatasync of the change log before moving blocks: %s", strerror(err));
+    }
+    if (log_flush_locked(v) < 0)
+        return -1;
+    return log_sync_all(v);
 }
 
 static int image_write_all(vol *v, const uint8_t *buf, size_t len, uint64_t off)
@@ -234,9 +285,9 @@ static int64_t punch_pass(vol *v)
             nr++;
         }
     }
-    if (r == 0)
-        r = log_sync_all(v); /* the preserved copies are durable before the image loses them */
-    uint64_t epoch = v->tomb_epoch;
+    uint64_t epoch = v->tomb_epoch; /* before the barrier drops the lock: later tombstones are not punched here */
+    if (r == 0 && nr)
+        r = log_barrier(v); /* the preserved copies are durable before the image loses them */
     pthread_mutex_unlock(&v->lock);
     pthread_mutex_unlock(&v->ckpt_lock);
     if (r < 0) {
@@ -287,11 +338,14 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         }
         /* the version the head maps, checked against its CRC: a damaged block stays in the log
          * (its reads keep failing) rather than reach the image */
-        if (lsfs_read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0)
-            c[keep++] = c[i];
+        if (lsfs_read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0) {
+            c[keep] = c[i];
+            c[keep].data = buf + keep * BS;
+            keep++;
+        }
     }
     if (r == 0 && n)
-        r = log_sync_all(v);
+        r = log_barrier(v);
     if (r == 0 && !n && seal && v->head_log_blocks == 0 && v->tomb_pending) {
         pthread_mutex_unlock(&v->lock);
         pthread_mutex_unlock(&v->ckpt_lock);
@@ -305,12 +359,14 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         free(c);
         return r < 0 ? -1 : n ? -2 : 0; /* -2: only damaged blocks were picked; pick again */
     }
-    /* B: into the image, runs of consecutive blocks in one pwrite */
+    /* B: into the image in LBA order, runs of consecutive blocks (adjacent in the buffer too)
+     * in one pwrite */
+    qsort(c, keep, sizeof *c, cand_by_lba);
     for (size_t i = 0; i < keep;) {
         size_t j = i + 1;
-        while (j < keep && c[j].lba == c[j - 1].lba + 1 && (j - i) < (64u << 20) / BS)
+        while (j < keep && c[j].lba == c[j - 1].lba + 1 && c[j].data == c[j - 1].data + BS)
             j++;
-        if (image_write_all(v, buf + i * BS, (j - i) * BS, c[i].lba * BS) < 0) {
+        if (image_write_all(v, c[i].data, (j - i) * BS, c[i].lba * BS) < 0) {
             free(buf);
             free(c);
             return image_failed(v, "writing");

@@ -142,6 +142,10 @@ static int truncate_seg(vol *v, log_segmap *sm, size_t pos, vol_report *rep)
         if (io_ftruncate(log_seg_find(v, sm->id)->fd, pos) < 0)
             return lsfs_fail(errno, "truncating torn segment: %s", strerror(errno));
         log_seg_find(v, sm->id)->file_size = pos;
+        /* synced before vol_open returns (log_sync_all): otherwise a power cut could bring the
+         * dropped tail back after newer segments hold durable records, and recovery, meeting
+         * damage with no durable marker after it, would drop those too (found by ACE, image) */
+        log_seg_find(v, sm->id)->needs_sync = 1;
     }
     sm->len = pos;
     v->dir_dirty = 1;

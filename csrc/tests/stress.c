@@ -7,12 +7,18 @@
  * recovery) and every region compared with its model. Exit 0 = no mismatch and no error; the
  * sanitizers report their own findings on stderr (the test fails on any).
  *
- *   stress DIR ROUNDS OPS_PER_WRITER [compress]
+ * With "image" the volume is an image-backend one (docs/IMAGE.md): its image file beside DIR,
+ * a 1 MiB journal limit (writers hit back-pressure and move batches themselves) and a mover
+ * thread sealing at random, beside everything above.
+ *
+ *   stress DIR ROUNDS OPS_PER_WRITER [compress|image]
  */
 #define _GNU_SOURCE
 #include "../volume.h"
 
 #include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -27,6 +33,7 @@
 #define VOLSIZE (8u << 20)
 
 static vol *v;
+static char image_path[4096]; /* "" = lsfs */
 static atomic_int stop_bg;
 static atomic_int failures;
 static uint8_t *model[NWRITERS];
@@ -121,6 +128,15 @@ static void *collector(void *arg)
     return NULL;
 }
 
+static void *mover(void *arg)
+{
+    (void)arg;
+    uint64_t seed = 12345;
+    while (!atomic_load(&stop_bg))
+        CHECK(vol_move(v, 64 * 1024 + rnd(&seed) % (512 * 1024), (int)(rnd(&seed) & 1)) >= 0, "move failed");
+    return NULL;
+}
+
 static void *snapshotter(void *arg)
 {
     (void)arg;
@@ -151,7 +167,8 @@ static void *snapshotter(void *arg)
 
 static vol *open_vol(const char *dir, int compress, const uint8_t *uuid)
 {
-    vol_params p = {.size = VOLSIZE, .compress = compress, .zstd_level = 1, .segment_size = 1u << 20};
+    vol_params p = {.size = VOLSIZE, .compress = compress, .zstd_level = 1, .segment_size = 1u << 20,
+                    .image_path = image_path[0] ? image_path : NULL, .journal_max = 1u << 20};
     memcpy(p.uuid, uuid, 16);
     vol_report rep;
     vol *h = vol_open(dir, &p, &rep);
@@ -172,6 +189,13 @@ int main(int argc, char **argv)
     int rounds = atoi(argv[2]);
     ops_per_writer = (unsigned)atoi(argv[3]);
     int compress = argc > 4 && strcmp(argv[4], "compress") == 0;
+    if (argc > 4 && strcmp(argv[4], "image") == 0) {
+        snprintf(image_path, sizeof image_path, "%s.image", dir);
+        int fd = open(image_path, O_RDWR | O_CREAT | O_TRUNC, 0600);
+        if (fd < 0 || ftruncate(fd, VOLSIZE) < 0)
+            return 2;
+        close(fd);
+    }
     uint8_t uuid[16];
     if (getrandom(uuid, 16, 0) != 16)
         return 2;
@@ -186,16 +210,17 @@ int main(int argc, char **argv)
             free(got);
         }
         atomic_store(&stop_bg, 0);
-        pthread_t wt[NWRITERS], bg[4];
-        void *(*bgfn[4])(void *) = {flusher, checkpointer, collector, snapshotter};
-        for (int i = 0; i < 4; i++)
+        pthread_t wt[NWRITERS], bg[5];
+        void *(*bgfn[5])(void *) = {flusher, checkpointer, collector, snapshotter, mover};
+        int nbg = image_path[0] ? 5 : 4;
+        for (int i = 0; i < nbg; i++)
             pthread_create(&bg[i], NULL, bgfn[i], NULL);
         for (int w = 0; w < NWRITERS; w++)
             pthread_create(&wt[w], NULL, writer, (void *)(intptr_t)w);
         for (int w = 0; w < NWRITERS; w++)
             pthread_join(wt[w], NULL);
         atomic_store(&stop_bg, 1);
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < nbg; i++)
             pthread_join(bg[i], NULL);
         CHECK(vol_close(v) == 0, "close failed");
     }
