@@ -240,6 +240,12 @@ int blockmap_attach_leaf(blockmap *m, uint64_t li, bm_leaf *l)
 
 int blockmap_relocate(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t new_loc)
 {
+    return blockmap_relocate_crc(m, lba, expect_loc, new_loc, 0, 0);
+}
+
+int blockmap_relocate_crc(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t new_loc, int set_crc,
+                          uint32_t crc)
+{
     bm_mid *md = m->mid[lba >> (BM_LEAF_SHIFT + BM_MID_SHIFT)];
     if (!md)
         return 0;
@@ -250,5 +256,7 @@ int blockmap_relocate(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t n
     if (p->loc != expect_loc)
         return 0;
     p->loc = new_loc;
+    if (set_crc)
+        p->crc = crc;
     return 1;
 }

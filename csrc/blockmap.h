@@ -102,5 +102,9 @@ int blockmap_prepare(blockmap *m, uint64_t lba, uint64_t n, int existing_only);
 /* Change where a block lives without changing what it reads as (the collector): updates the
  * entry in place even in shared nodes, only if it still equals `expect`. Returns 1 if updated. */
 int blockmap_relocate(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t new_loc);
+/* The same, also setting the entry's crc when set_crc (a compressed entry's crc covers its
+ * record; moved out of it, the block's own CRC-32C describes it: the image backend's mover). */
+int blockmap_relocate_crc(blockmap *m, uint64_t lba, uint64_t expect_loc, uint64_t new_loc, int set_crc,
+                          uint32_t crc);
 
 #endif

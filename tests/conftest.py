@@ -13,7 +13,8 @@ the test, teardown stops the server, or kills it if stopping fails, so no nbdkit
         s = make_server(size="16M", create_args=["--compress", "zstd"])
         s.kill(); s.start()
 
-Helpers importable from tests: `run_blockrep(*args)`, `BLOCKREP`, `tree_state(path)`.
+Helpers importable from tests: `run_blockrep(*args)`, `BLOCKREP`, `tree_state(path)`,
+`backend_create_args(backend, base)` (tests parametrised over the lsfs and image backends).
 """
 
 from __future__ import annotations
@@ -224,6 +225,16 @@ class Server:
             deadline = time.monotonic() + 10
             while pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.01)
+
+
+def backend_create_args(backend: str, base: str | os.PathLike, name: str = "vol") -> list[str]:
+    """`create_args` for a volume of `backend`: none for lsfs; for the image backend (docs/IMAGE.md)
+    `--backend image --journal BASE/NAME.journal` (the change log beside the volume: same
+    filesystem, so create warns; harmless in tests)."""
+    if backend == "lsfs":
+        return []
+    assert backend == "image", backend
+    return ["--backend", "image", "--journal", str(Path(base) / f"{name}.journal")]
 
 
 @pytest.fixture(scope="session")

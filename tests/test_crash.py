@@ -27,6 +27,7 @@ import time
 
 import nbd
 import pytest
+from conftest import backend_create_args
 
 BS = 4096
 MiB = 1 << 20
@@ -314,10 +315,10 @@ def _report(times, kills, server):
     return p50, p99
 
 
-def test_sigkill_at_random_moments_keeps_durable_writes(make_server):
+@pytest.mark.parametrize("backend,kills", [("lsfs", 20), ("image", 6)], ids=["lsfs", "image"])
+def test_sigkill_at_random_moments_keeps_durable_writes(make_server, tmp_path, backend, kills):
     seed = _seed(random.randrange(1 << 30))
-    s = make_server(size="32M", create_args=["--segment-size", "1M"])
-    kills = 20
+    s = make_server(size="32M", create_args=["--segment-size", "1M", *backend_create_args(backend, tmp_path)])
     times = crash_loop(s, seed, kills, 32 * MiB)
     _report(times, kills, s)
     info = s.info()

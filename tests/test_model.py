@@ -2,6 +2,8 @@
 
 Operations: write / zero / trim (any alignment), flush, FUA, reads, snapshot create / delete /
 read / diff, the collector, clean restarts, and crashes (vol_abandon: what SIGKILL leaves).
+Run for both backends: the image backend (docs/IMAGE.md) adds the mover (v.move), and after each
+clean restart its image.raw alone must equal the model (a close drains the change log).
 Snapshots never change; a diff covers every block whose content differs between two snapshots
 and nothing that was not touched between them. After a crash every block must hold
 its durable value or the value of a later, not yet durable write to it (request atomicity:
@@ -24,6 +26,7 @@ SIZE = 2 << 20  # small volume, 1 MiB segments: rotation and collection happen o
 BS = 4096
 
 EXAMPLES = int(os.environ.get("BLOCKREP_MODEL_EXAMPLES", "60"))
+IMAGE_EXAMPLES = int(os.environ.get("BLOCKREP_MODEL_IMAGE_EXAMPLES", "30"))
 STEPS = int(os.environ.get("BLOCKREP_MODEL_STEPS", "60"))
 
 offsets = st.integers(0, SIZE - 1)
@@ -32,11 +35,14 @@ lengths = st.one_of(st.integers(1, 3 * BS), st.sampled_from([BS, 2 * BS, 64 * 10
 
 
 class EngineModel(RuleBasedStateMachine):
+    BACKEND = "lsfs"
+
     @initialize(compress=st.booleans())
     def setup(self, compress):
         self.dir = tempfile.mkdtemp(prefix="blockrep-model-")
         self.path = os.path.join(self.dir, "v")
-        volume.create(self.path, SIZE, segment_size=1 << 20, compress="zstd" if compress else "none")
+        image = {"backend": "image", "journal": os.path.join(self.dir, "journal")} if self.BACKEND == "image" else {}
+        volume.create(self.path, SIZE, segment_size=1 << 20, compress="zstd" if compress else "none", **image)
         self.v = Volume.open(self.path)
         self.model = bytearray(SIZE)   # what reads must return now
         self.durable = bytearray(SIZE)  # what must survive a crash
@@ -141,10 +147,18 @@ class EngineModel(RuleBasedStateMachine):
     def checkpoint(self):
         self.v.checkpoint()
 
+    @precondition(lambda self: self.BACKEND == "image")
+    @rule(max_bytes=st.sampled_from([BS, 64 * 1024, 4 << 20]))
+    def move(self, max_bytes):
+        assert self.v.move(max_bytes=max_bytes) >= 0
+
     @rule()
     def restart(self):
         self.v.close()  # a clean close flushes: everything becomes durable
         self._flushed()
+        if self.BACKEND == "image":  # ... and drains the change log into the image
+            with open(os.path.join(self.path, "image.raw"), "rb") as f:
+                assert f.read() == self.model, "image.raw after a clean close differs from the volume"
         self.v = Volume.open(self.path)
         self._check_snapshots()
 
@@ -182,6 +196,15 @@ class EngineModel(RuleBasedStateMachine):
 TestEngineModel = EngineModel.TestCase
 TestEngineModel.settings = settings(max_examples=EXAMPLES, stateful_step_count=STEPS, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow])
+
+
+class ImageEngineModel(EngineModel):
+    BACKEND = "image"
+
+
+TestEngineModelImage = ImageEngineModel.TestCase
+TestEngineModelImage.settings = settings(max_examples=IMAGE_EXAMPLES, stateful_step_count=STEPS, deadline=None,
+                                         suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import time
 
 import nbd
 import pytest
-from conftest import pid_alive
+from conftest import backend_create_args, pid_alive
 
 MiB = 1 << 20
 BS = 4096
@@ -524,12 +524,17 @@ def _seed(default):
     return int(os.environ.get("BLOCKREP_FSX_SEED", default))
 
 
-def test_fsx_quick(make_server):
+@pytest.mark.parametrize("backend", ["lsfs", "image"])
+def test_fsx_quick(make_server, tmp_path, backend):
     seed = _seed(1001)
-    s = make_server(size="16M", create_args=["--segment-size", "1M"])
+    s = make_server(size="16M", create_args=["--segment-size", "1M", *backend_create_args(backend, tmp_path)])
     t0 = time.monotonic()
-    Fsx(s, seed, 16 * MiB).run(5000, restarts={2000: "stop", 3500: "kill"}, check_every=1000)
+    f = Fsx(s, seed, 16 * MiB)
+    f.run(5000, restarts={2000: "stop", 3500: "kill"}, check_every=1000)
     assert time.monotonic() - t0 < 120
+    if backend == "image":  # a clean stop drains the change log: image.raw alone is the volume
+        s.stop()
+        assert (s.vol / "image.raw").read_bytes() == f.shadow
 
 
 def test_fsx_compressed_volume(make_server):

@@ -31,7 +31,7 @@ from pathlib import Path
 import nbd
 import pytest
 from blockdev import attached, fsck_clean, mounted
-from conftest import run_blockrep, tree_state
+from conftest import backend_create_args, run_blockrep, tree_state
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -209,8 +209,9 @@ def logical_state(vol) -> tuple:
 
 # ------------------------------------------------------------ M4: exports read the past exactly
 
-def test_snapshot_export_reads_the_volume_as_it_was(make_server, tmp_path):
-    s = make_server(size="64M")
+@pytest.mark.parametrize("backend", ["lsfs", "image"])
+def test_snapshot_export_reads_the_volume_as_it_was(make_server, tmp_path, backend):
+    s = make_server(size="64M", create_args=backend_create_args(backend, tmp_path))
     qemu_io(s.uri, "write -P 0x11 0 1M", "write -P 0x22 4M 512K", "write -P 0x33 10M 64K",
             "write -P 0x44 16M 2M", f"discard {17 * MiB} {512 * KiB}", "write -P 0x55 40M 3",
             "flush")

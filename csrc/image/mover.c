@@ -64,6 +64,7 @@ void image_journal_backpressure(vol *v, uint64_t count)
 typedef struct mv_cand {
     uint64_t lba, loc;
     uint8_t *data; /* the block's bytes in the mover's buffer */
+    uint32_t crc;  /* CRC-32C of those bytes (what the IMAGE entry will carry) */
 } mv_cand;
 
 static int cand_by_lba(const void *a, const void *b)
@@ -157,7 +158,7 @@ static size_t pick_candidates(vol *v, mv_cand *c, size_t max, int seal)
                         uint64_t loc = rc.flags & F_COMP ? bm_loc(BM_COMP, s->id, pos, b)
                                                          : bm_loc(BM_DATA, s->id, base + (uint64_t)b * BS, 0);
                         if (blockmap_get(v->head, rc.lba + b).loc == loc)
-                            c[n++] = (mv_cand){rc.lba + b, loc, NULL};
+                            c[n++] = (mv_cand){rc.lba + b, loc, NULL, 0};
                     }
                 }
                 pos += rc.len;
@@ -237,6 +238,14 @@ static int64_t image_failed(vol *v, const char *what)
 {
     int e = errno ? errno : EIO;
     pthread_mutex_lock(&v->lock);
+    v->move_seg = 0; /* the cursor passed blocks that did not get moved: scan again */
+    pthread_mutex_unlock(&v->lock);
+    /* A full image filesystem refused the bytes before they were anything: nothing is unknown,
+     * the next batch tries again once space returns. Any other failure (and every failed
+     * fdatasync) leaves the image's contents unknown: sticky. */
+    if (e == ENOSPC && strcmp(what, "syncing") != 0)
+        return lsfs_fail(e, "%s the image: %s (the mover retries; the change log keeps every block)", what, strerror(e));
+    pthread_mutex_lock(&v->lock);
     if (!v->image_err)
         v->image_err = e;
     pthread_mutex_unlock(&v->lock);
@@ -254,10 +263,14 @@ static int64_t punch_pass(vol *v)
     uint64_t *runs = NULL; /* (lba, n) pairs */
     uint8_t tmp[BS];
     int r = 0;
+    /* Every tombstone of the head, not only those since the last pass: generations advance only
+     * at snapshots, so "newer than the last pass" cannot be told from them (a block trimmed,
+     * rewritten, moved and trimmed again keeps one generation). Not done: a list of the ranges
+     * trimmed since the last pass. */
     for (uint64_t li = blockmap_next_leaf(v->head, 0); li != UINT64_MAX && r == 0;
          li = blockmap_next_leaf(v->head, li + 1)) {
         for (unsigned i = 0; i < BM_LEAF_ENTRIES; i++) {
-            const bm_leaf *l = blockmap_leaf(v->head, li); /* preserve_image_block may copy nothing of the head, but re-read */
+            const bm_leaf *l = blockmap_leaf(v->head, li);
             unsigned k = bm_kind(l->e[i].loc);
             if (k != BM_ZERO && k != BM_TRIM)
                 continue;
@@ -341,6 +354,7 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         if (lsfs_read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0) {
             c[keep] = c[i];
             c[keep].data = buf + keep * BS;
+            c[keep].crc = crc32c(c[keep].data, BS);
             keep++;
         }
     }
@@ -352,6 +366,8 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         free(c);
         return punch_pass(v);
     }
+    if (r < 0)
+        v->move_seg = 0; /* nothing of this batch moved: its segments are scanned again */
     pthread_mutex_unlock(&v->lock);
     pthread_mutex_unlock(&v->ckpt_lock);
     if (r < 0 || keep == 0) {
@@ -384,9 +400,11 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
     uint64_t moved = 0;
     for (size_t i = 0; i < keep; i++) {
         int any = 0;
+        /* a compressed entry's crc is its record's; in the image the block's own CRC describes it */
+        int comp = bm_kind(c[i].loc) == BM_COMP;
         for (uint32_t m = 0; m <= v->nsnaps; m++) {
             blockmap *map = m ? v->snaps[m - 1].map : v->head;
-            if (blockmap_relocate(map, c[i].lba, c[i].loc, IMAGE_LOC)) {
+            if (blockmap_relocate_crc(map, c[i].lba, c[i].loc, IMAGE_LOC, comp, c[i].crc)) {
                 seg_info *os = log_seg_find(v, bm_seg(c[i].loc));
                 if (os && os->live_blocks)
                     os->live_blocks--;

@@ -89,7 +89,7 @@ static int map_set(vol *v, uint64_t lba, bm_entry e)
         if (g)
             g->live_blocks++;
         v->head_log_blocks++;
-    } else if (k == BM_ZERO || k == BM_TRIM) {
+    } else if ((k == BM_ZERO || k == BM_TRIM) && v->image_fd >= 0) {
         v->tomb_pending = 1;
         v->tomb_epoch++;
     }

@@ -141,9 +141,11 @@ vol *vol_open(const char *voldir, const vol_params *p, vol_report *rep)
     }
     if (p->image_path) {
         struct stat st;
-        v->image_fd = open(p->image_path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+        v->image_fd = open(p->image_path, (p->readonly ? O_RDONLY : O_RDWR) | O_CLOEXEC | O_NOFOLLOW);
         if (v->image_fd < 0) {
-            lsfs_fail(errno, "opening the image %s: %s", p->image_path, strerror(errno));
+            lsfs_fail(errno == ELOOP ? EBADMSG : errno, "opening the image %s: %s", p->image_path,
+                      errno == ELOOP ? "it is a symbolic link (refused: a planted link must not redirect writes)"
+                                     : strerror(errno));
             goto err;
         }
         if (fstat(v->image_fd, &st) < 0 || !S_ISREG(st.st_mode) || (uint64_t)st.st_size != p->size) {
@@ -274,13 +276,12 @@ int vol_close(vol *v)
     }
     int r = 0;
     if (v->image_fd >= 0) { /* drain: the image alone is then the volume (docs/IMAGE.md §1) */
-        int64_t m;
-        while ((m = vol_move(v, 64u << 20, 1)) > 0)
+        /* best effort: a mover that cannot write the image (full, failing) leaves the blocks in
+         * the change log, which the checkpoint below and the next open keep */
+        while (vol_move(v, 64u << 20, 1) > 0)
             ;
-        r = m < 0 ? -1 : 0;
     }
-    if (r == 0)
-        r = vol_checkpoint(v);
+    r = vol_checkpoint(v);
     if (r == 0) {
         pthread_mutex_lock(&v->lock);
         r = log_flush_locked(v);

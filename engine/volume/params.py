@@ -8,6 +8,7 @@ import errno as _errno
 import json
 import os
 import re
+import stat
 import uuid as _uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -96,6 +97,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.close(dfd)
 
 
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def validate_size(size: int) -> int:
     if size <= 0:
         raise InvalidArgument("volume size must be greater than zero")
@@ -145,8 +154,8 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
     if backend == "image":
         if not journal:
             raise InvalidArgument("the image backend needs --journal DIR (the change log, ideally on another disk)")
-        if journal_size and not (16 << 20) <= journal_size <= (1 << 40):
-            raise InvalidArgument("journal size must be between 16M and 1T")
+        if journal_size and not (4 << 20) <= journal_size <= (1 << 40):
+            raise InvalidArgument("journal size must be between 4M and 1T")
     elif journal or journal_size:
         raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
     if compress not in ("none", "zstd"):
@@ -179,10 +188,12 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
             jdir.mkdir(mode=0o700, exist_ok=True)
             (jdir / "segments").mkdir(mode=0o700)
             _atomic_write(jdir / JOURNAL_OWNER, (params.uuid + "\n").encode())
+            _fsync_dir(jdir.parent)  # the change log's name is durable before volume.json names it
             with open(p / IMAGE_FILE, "xb") as f:  # sparse: costs nothing until the mover writes
                 f.truncate(size)
                 os.fsync(f.fileno())
         _atomic_write(p / "volume.json", (json.dumps(asdict(params), indent=2) + "\n").encode())
+        _fsync_dir(p.resolve().parent)  # the volume directory itself survives a power cut after create
     except PermissionError as e:
         raise InvalidArgument(f"cannot create volume in {p}: {e.strerror}") from None
     except OSError as e:
@@ -245,7 +256,7 @@ def _check_params(params: Params) -> None:
         if not isinstance(params.journal, str) or not os.path.isabs(params.journal):
             raise InvalidArgument(f"journal is {params.journal!r}, expected the change log's absolute path")
         if params.journal_size:
-            _int_field("journal_size", params.journal_size, 16 << 20, 1 << 40)
+            _int_field("journal_size", params.journal_size, 4 << 20, 1 << 40)
     if params.block_size != BLOCK or isinstance(params.block_size, bool):
         raise InvalidArgument(f"block_size is {params.block_size!r}, expected {BLOCK}")
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
@@ -272,8 +283,13 @@ def _check_journal(p: Path, params: Params) -> Path:
     if owner != params.uuid:
         raise CorruptionError(f"the change log {j} belongs to volume {owner[:36]!r}, not to {p} ({params.uuid}): "
                               "refusing to mix them")
-    if not (p / IMAGE_FILE).is_file():
-        raise NotFound(f"the image {p / IMAGE_FILE} of volume {p} is missing")
+    try:
+        st = os.lstat(p / IMAGE_FILE)
+    except FileNotFoundError:
+        raise NotFound(f"the image {p / IMAGE_FILE} of volume {p} is missing") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptionError(f"the image {p / IMAGE_FILE} is not a regular file (a symbolic link?): refused, "
+                              "writes must not be redirected")
     return j
 
 
