@@ -9,7 +9,7 @@
  *    so a clone (a snapshot, or the frozen map a checkpoint serialises) never changes.
  *  - Each leaf and mid keeps the maximum generation of the entries below it, so a scan for
  *    "changed since generation G" skips whole subtrees.
- *  - Not thread-safe: the caller (volume.c) holds the volume mutex. A clone may be read without
+ *  - Not thread-safe: the caller (csrc/lsfs/) holds the volume mutex. A clone may be read without
  *    the mutex because nodes it shares are never modified in place (except blockmap_relocate,
  *    which changes only where identical bytes live, never what a block reads as).
  * Errors: functions returning int give 0 or -1 with errno = ENOMEM. */

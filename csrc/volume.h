@@ -1,5 +1,8 @@
 /* The lsfs volume: a log of checksummed records in segment files plus a block map.
- * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume/ (interface.py).
+ * On-disk format: docs/FORMAT.md. Python wrapper: engine/volume/ (interface.py). The code: csrc/log/
+ * (the log both backends use), csrc/lsfs/ (the engine; internal.h has its struct and rules),
+ * csrc/image/. engine/_native_build.py copies the declarations below for cffi;
+ * tests/test_native_build.py checks that copy against this file.
  *
  * Locking (every function below takes what it needs; callers hold nothing):
  *  - v->lock, one mutex per volume: every public function takes it for its whole duration,
@@ -16,7 +19,7 @@
  *    beside requests. No static buffers: every scratch buffer belongs to a vol or a call.
  *
  * Notes on the design:
- *  - Writes are appended to an in-memory window of the active segment (8 MiB, see flush_wbuf) and reach the file
+ *  - Writes are appended to an in-memory window of the active segment (8 MiB, see log_flush_wbuf in log/writer.c) and reach the file
  *    in 2 MiB-aligned pieces when it fills, and whole on flush/FUA, on rotation and on checkpoint. Reads of buffered blocks copy
  *    from the buffer. A flush writes the buffer, fdatasyncs every segment with unsynced bytes and
  *    the directory if a segment was created, and then appends a FLUSH marker (FORMAT.md §3), so a
@@ -35,6 +38,14 @@
 #ifndef BLOCKREP_VOLUME_H
 #define BLOCKREP_VOLUME_H
 #include <stdint.h>
+
+/* Limits, defined once: engine/limits.py holds the same values for Python (checked against
+ * these by tests/test_native_build.py through the cffi module). */
+#define VOL_BLOCK_SIZE 4096u               /* the block: fixed (FORMAT.md §1) */
+#define VOL_MAX_SIZE (16ull << 40)         /* largest volume: 16 TiB */
+#define VOL_SEGMENT_MIN (1u << 20)         /* segment_size bounds */
+#define VOL_SEGMENT_MAX (256u << 20)
+#define VOL_ZSTD_LEVEL_DEFAULT 3           /* vol_params.zstd_level 0 means this */
 
 typedef struct vol vol;
 

@@ -167,7 +167,7 @@ def _open_in_child(vol: Path, timeout: float = 20) -> str:
     return p.stdout.strip() or f"rc {p.returncode}: {p.stderr.strip()[-300:]}"
 
 
-# F1, fixed (the segment table is now a sorted dense array, csrc/volume.c seg_find/seg_add). It was
+# F1, fixed (the segment table is now a sorted dense array, csrc/log/writer.c log_seg_find/log_seg_add). It was
 # (vol_open -> open_segment_file -> seg_reserve): the segment id in a file name under segments/
 # sized the segment table. Ids beyond SEG_ID_MAX are now refused (commit fe5780b:
 # a name >= 8000000000000000.seg used to make `cap *= 2` wrap to 0 and loop for ever), but an
@@ -191,7 +191,7 @@ def test_segment_file_with_an_id_out_of_range_is_refused(tmp_path, name):
     assert res.startswith("refused:") and "out of range" in res, res
 
 
-# F2 (csrc/volume.c, vol_open: create_segment(v, maxid + 1) with maxid from the files present):
+# F2 (csrc/lsfs/volume.c, vol_open: log_create_segment(v, maxid + 1) with maxid from the files present):
 # when the newest segment that the checkpoint maps blocks into is lost, the read-write open gives
 # its id to the new active segment, although FORMAT.md §2 says ids are never reused. The map's
 # entries into the lost segment then resolve into the new one: reads are served from the write
@@ -278,7 +278,7 @@ def test_worker_reports_a_crash_with_the_input_saved(tmp_path, monkeypatch):
 
 
 # F4 (found by the long tier, atheris, checkpoint target; engine/volume.py Volume.snapshots and
-# csrc/volume.c load_checkpoint/apply_rec): a snapshot name is taken from the checkpoint's map
+# csrc/lsfs/checkpoint.c lsfs_load_checkpoint, recovery.c apply_rec): a snapshot name is taken from the checkpoint's map
 # header or the SNAP record as raw bytes, checked for length only, and Volume.snapshots() decodes
 # it as UTF-8: a name byte 0xff (CRCs valid: a forged or mis-written record, not bit rot) makes
 # every command that lists snapshots (open for info/list/diff, replication, the control socket)

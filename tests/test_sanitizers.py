@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from engine._native_build import SOURCES
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-UNITS = ["csrc/tests/stress.c", "csrc/volume.c", "csrc/blockmap.c", "csrc/crc32c.c", "csrc/io.c"]
+UNITS = ["csrc/tests/stress.c", *(f"csrc/{n}" for n in SOURCES)]
 REPORTS = ("ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "WARNING: ThreadSanitizer", "runtime error:")
 
 
@@ -26,7 +28,7 @@ def _build(tmp_path: Path, sanitize: str) -> Path:
     out = tmp_path / f"stress-{sanitize.split(',')[0]}"
     cmd = ["gcc", "-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}",
            "-fno-sanitize-recover=undefined", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
-           "-Werror", "-o", str(out), *UNITS, "-lzstd", "-lpthread"]
+           "-Werror", "-Icsrc", "-o", str(out), *UNITS, "-lzstd", "-lpthread"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return out

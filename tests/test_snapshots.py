@@ -560,7 +560,7 @@ def test_diff_json_equals_the_extents_written_between_snapshots(server):
     write touches (even with the same bytes), the partial edge blocks of an unaligned
     write-zeroes, and the whole blocks that a zero or trim turns from data into a hole. A zero
     or trim of a block that already reads as zeroes (never written, zeroed, trimmed) changes
-    nothing and is not a change (csrc/volume.c map_tombstone); a trim never touches partial
+    nothing and is not a change (csrc/lsfs/map.c lsfs_map_tombstone); a trim never touches partial
     blocks."""
     h = server.connect()
     size = 64 * MiB
