@@ -24,6 +24,7 @@ from ..errors import (
     NotFound,
     from_errno,
 )
+from ..limits import NO_SNAPSHOT, ZSTD_LEVEL
 from .image import ImageMover
 from .lock import Lock
 from .lsfs import REPLAY_CHECKPOINT, LogUpkeep
@@ -38,8 +39,6 @@ from .params import (
     read_params,
     validate_snapshot_name,
 )
-
-NO_SNAPSHOT = 0xFFFFFFFF  # vol_diff: "since the volume was created"
 
 
 class Volume(LogUpkeep, ImageMover):
@@ -74,7 +73,7 @@ class Volume(LogUpkeep, ImageMover):
         vp.size = params.size
         ffi.memmove(vp.uuid, _uuid.UUID(params.uuid).bytes, 16)
         vp.compress = 1 if params.compress == "zstd" else 0
-        vp.zstd_level = 1  # fastest standard level: the request path pays for it
+        vp.zstd_level = ZSTD_LEVEL  # fastest standard level: the request path pays for it
         vp.segment_size = params.segment_size
         vp.wbuf_size = wbuf_size
         vp.readonly = 1 if readonly else 0

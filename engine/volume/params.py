@@ -22,11 +22,11 @@ from ..errors import (
     UnsupportedFormat,
     from_errno,
 )
+from ..limits import BLOCK, MAX_SIZE, SEGMENT_MAX, SEGMENT_MIN  # defined once, checked against C
 
 FORMAT_NAME = "blockrep-volume"
 FORMAT_VERSION = 1
-BLOCK = 4096
-MAX_SIZE = 16 << 40
+
 DEFAULT_SEGMENT = 32 << 20
 BACKENDS = ("lsfs", "image")
 DEFAULT_JOURNAL_SIZE = 1 << 30  # image backend: head data the change log holds before writes wait
@@ -160,7 +160,7 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
         raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
     if compress not in ("none", "zstd"):
         raise InvalidArgument(f"unknown compression {compress!r} (choose none or zstd)")
-    if not (1 << 20) <= segment_size <= (256 << 20):
+    if not SEGMENT_MIN <= segment_size <= SEGMENT_MAX:
         raise InvalidArgument("segment size must be between 1M and 256M")
     if p.exists():
         if not p.is_dir():
@@ -262,7 +262,7 @@ def _check_params(params: Params) -> None:
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
     if params.compress not in ("none", "zstd"):
         raise InvalidArgument(f"compress is {params.compress!r}, expected none or zstd")
-    _int_field("segment_size", params.segment_size, 1 << 20, 256 << 20)
+    _int_field("segment_size", params.segment_size, SEGMENT_MIN, SEGMENT_MAX)
     if not isinstance(params.created, str):
         raise InvalidArgument(f"created is {params.created!r}, expected an ISO 8601 time")
 
