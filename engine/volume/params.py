@@ -29,6 +29,7 @@ FORMAT_VERSION = 1
 
 DEFAULT_SEGMENT = 32 << 20
 BACKENDS = ("lsfs", "image")
+JOURNAL_SIZE_MIN, JOURNAL_SIZE_MAX = 4 << 20, 1 << 40  # --journal-size bounds
 DEFAULT_JOURNAL_SIZE = 1 << 30  # image backend: head data the change log holds before writes wait
 IMAGE_FILE = "image.raw"
 JOURNAL_OWNER = "owner"
@@ -130,14 +131,15 @@ def journal_shares_filesystem(params: Params, path: str | os.PathLike) -> bool:
         return False
 
 
-def _check_journal_dir(j: Path) -> None:
-    if j.exists():
-        if not j.is_dir():
-            raise AlreadyExists(f"change-log path {j} exists and is not a directory")
-        if any(j.iterdir()):
-            raise AlreadyExists(f"change-log directory {j} is not empty (a change log serves one volume)")
-    elif not j.parent.is_dir():
-        raise NotFound(f"parent directory {j.parent} of the change log does not exist")
+def _check_new_dir(d: Path, what: str, not_empty: str, parent: str) -> None:
+    """A directory create may fill: absent (under an existing parent) or empty."""
+    if d.exists():
+        if not d.is_dir():
+            raise AlreadyExists(f"{what}{d} exists and is not a directory")
+        if any(d.iterdir()):
+            raise AlreadyExists(not_empty)
+    elif not d.parent.is_dir():
+        raise NotFound(parent)
 
 
 def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granularity: int = BLOCK,
@@ -154,7 +156,7 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
     if backend == "image":
         if not journal:
             raise InvalidArgument("the image backend needs --journal DIR (the change log, ideally on another disk)")
-        if journal_size and not (4 << 20) <= journal_size <= (1 << 40):
+        if journal_size and not JOURNAL_SIZE_MIN <= journal_size <= JOURNAL_SIZE_MAX:
             raise InvalidArgument("journal size must be between 4M and 1T")
     elif journal or journal_size:
         raise InvalidArgument("--journal and --journal-size apply to the image backend (--backend image)")
@@ -162,18 +164,13 @@ def create(path: str | os.PathLike, size: int, *, backend: str = "lsfs", granula
         raise InvalidArgument(f"unknown compression {compress!r} (choose none or zstd)")
     if not SEGMENT_MIN <= segment_size <= SEGMENT_MAX:
         raise InvalidArgument("segment size must be between 1M and 256M")
-    if p.exists():
-        if not p.is_dir():
-            raise AlreadyExists(f"{p} exists and is not a directory")
-        if any(p.iterdir()):
-            raise AlreadyExists(f"{p} already exists and is not empty")
-    elif not p.parent.is_dir():
-        raise NotFound(f"parent directory {p.parent} does not exist")
+    _check_new_dir(p, "", f"{p} already exists and is not empty", f"parent directory {p.parent} does not exist")
     jdir = Path(os.path.abspath(journal)) if backend == "image" and journal else None
     if jdir is not None:
         if jdir == p.resolve() or p.resolve() in jdir.parents:
             raise InvalidArgument(f"the change log {jdir} must not be inside the volume directory {p}")
-        _check_journal_dir(jdir)
+        _check_new_dir(jdir, "change-log path ", f"change-log directory {jdir} is not empty (a change log serves "
+                       "one volume)", f"parent directory {jdir.parent} of the change log does not exist")
     params = Params(
         uuid=str(_uuid.uuid4()), size=size, backend=backend, granularity=granularity,
         compress=compress, segment_size=segment_size,
@@ -256,7 +253,7 @@ def _check_params(params: Params) -> None:
         if not isinstance(params.journal, str) or not os.path.isabs(params.journal):
             raise InvalidArgument(f"journal is {params.journal!r}, expected the change log's absolute path")
         if params.journal_size:
-            _int_field("journal_size", params.journal_size, 4 << 20, 1 << 40)
+            _int_field("journal_size", params.journal_size, JOURNAL_SIZE_MIN, JOURNAL_SIZE_MAX)
     if params.block_size != BLOCK or isinstance(params.block_size, bool):
         raise InvalidArgument(f"block_size is {params.block_size!r}, expected {BLOCK}")
     validate_granularity(_int_field("granularity", params.granularity, BLOCK, 1 << 30))
