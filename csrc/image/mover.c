@@ -73,7 +73,7 @@ static int cand_by_lba(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static int image_pread(vol *v, void *buf, size_t len, uint64_t off)
+int image_pread(vol *v, void *buf, size_t len, uint64_t off)
 {
     size_t got = 0;
     while (got < len) {
@@ -81,8 +81,9 @@ static int image_pread(vol *v, void *buf, size_t len, uint64_t off)
         if (r < 0 && errno == EINTR)
             continue;
         if (r < 0)
-            return lsfs_fail(errno, "reading the image: %s", strerror(errno));
-        if (r == 0) {
+            return lsfs_fail(errno, "reading the image at byte %llu: %s", (unsigned long long)(off + got),
+                             strerror(errno));
+        if (r == 0) { /* beyond the end of a truncated image: zeros, which the caller's CRC judges */
             memset((uint8_t *)buf + got, 0, len - got);
             break;
         }

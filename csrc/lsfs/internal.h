@@ -263,5 +263,9 @@ int lsfs_recount_live(vol *v);
  * effect): the write is delayed, never refused. A mover that cannot write the image (sticky
  * error) no longer holds writes back: the log grows, and `info` shows why. */
 void image_journal_backpressure(vol *v, uint64_t count);
+/* pread of the image, whole or until its end (zeros after a truncated end: the caller checks
+ * CRCs); -1 with errno and a message on a read error. Needs no lock of its own (the image fd
+ * lives as long as v). */
+int image_pread(vol *v, void *buf, size_t len, uint64_t off);
 
 #endif

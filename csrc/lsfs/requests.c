@@ -98,19 +98,8 @@ static int read_image(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uin
         v->corrupt_reads++;
         return lsfs_fail(EBADMSG, "block %llu is mapped to an image this volume does not have", (unsigned long long)lba);
     }
-    size_t len = (size_t)(n * BS), got = 0;
-    while (got < len) {
-        ssize_t r = pread(v->image_fd, dst + got, len - got, (off_t)(lba * BS + got));
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return lsfs_fail(errno, "reading the image at block %llu: %s", (unsigned long long)lba, strerror(errno));
-        if (r == 0) { /* beyond the end of a truncated image: zeros, which the CRC below judges */
-            memset(dst + got, 0, len - got);
-            break;
-        }
-        got += (size_t)r;
-    }
+    if (image_pread(v, dst, (size_t)(n * BS), lba * BS) < 0)
+        return -1;
     for (uint64_t b = 0; b < n; b++)
         if (crc32c(dst + b * BS, BS) != blockmap_get(map, lba + b).crc) {
             v->corrupt_reads++;
