@@ -475,7 +475,9 @@ def _run(p, dr: DR, procs, rnd: random.Random, restart: str, t_start: float) -> 
             plan_total.setdefault(name, _plan_bytes(p.vol, base, cur if cur and cur["snapshot"] == name else prev,
                                                     name))
         if new:
-            gain = plan_total[new[-1]] - (rec["done_before"] if rec["snap_before"] == new[-1] else 0)
+            # every snapshot the round committed: a bare run that resumed S commits S, then takes and
+            # commits a new one on top of it (its delta may be empty), so count them all
+            gain = sum(plan_total[n] for n in new) - (rec["done_before"] if rec["snap_before"] in new else 0)
         elif cur and cur["snapshot"] not in dr_names:
             gain = cur["done_upto"] - (rec["done_before"] if rec["snap_before"] == cur["snapshot"] else 0)
         else:
