@@ -1,10 +1,15 @@
-"""The lsfs engine without nbdkit: each test one behaviour of engine.volume.Volume / csrc/."""
+"""The engine without nbdkit: each test one behaviour of engine.volume.Volume / csrc/.
+
+The `vol` fixture runs each test on both backends (the image backend with its change log in
+tmp_path/j: its collector, checkpoints and snapshots are the lsfs log's); the tests that create
+their own volume (sizes, old on-disk versions, compression) use the default backend."""
 
 import errno
 import json
 import os
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -21,13 +26,23 @@ from engine.volume import Volume
 MiB = 1 << 20
 
 
-@pytest.fixture
-def vol(tmp_path):
-    volume.create(tmp_path / "v", 64 * MiB, segment_size=1 * MiB)
-    v = Volume.open(tmp_path / "v")
+def _open_new(tmp_path, backend):
+    kw = {"backend": "image", "journal": tmp_path / "j"} if backend == "image" else {}
+    volume.create(tmp_path / "v", 64 * MiB, segment_size=1 * MiB, **kw)
+    return Volume.open(tmp_path / "v")
+
+
+@pytest.fixture(params=["lsfs", "image"])
+def vol(tmp_path, request):
+    v = _open_new(tmp_path, request.param)
     yield v
     if not v.closed:
         v.close()
+
+
+def log_dir(v):
+    """Where the volume's log lives: VOL itself (lsfs), the change-log directory (image)."""
+    return Path(v.params.journal) if v.params.backend == "image" else v.path
 
 
 def reopen(v):
@@ -377,7 +392,7 @@ def test_snapshot_uuid_and_flags_survive_close_and_reopen(vol):
     before = _identity(vol)
     v2 = reopen(vol)  # close writes a checkpoint (version 3): the maps come from it, no replay
     try:
-        assert (v2.path / "checkpoint").read_bytes()[4:8] == struct.pack("<I", 3)
+        assert (log_dir(v2) / "checkpoint").read_bytes()[4:8] == struct.pack("<I", 3)
         assert v2.recovery["records_replayed"] == 0
         assert _identity(v2) == before
         assert v2.snapshot_by_uuid(given)["name"] == "b"
@@ -435,7 +450,7 @@ def test_duplicate_snapshot_uuid_is_refused_and_nothing_changes(vol):
     vol.write(b"b" * 4096, 0)
     vol.flush()
     snaps, st = vol.snapshots(), vol.stats()
-    segs = {p.name: p.stat().st_size for p in (vol.path / "segments").iterdir()}
+    segs = {p.name: p.stat().st_size for p in (log_dir(vol) / "segments").iterdir()}
     with pytest.raises(AlreadyExists, match=f"uuid {u} already exists \\(named first\\)"):
         vol.snapshot_create("second", uuid=u.upper())
     with pytest.raises(AlreadyExists, match="named first already exists"):
@@ -443,7 +458,7 @@ def test_duplicate_snapshot_uuid_is_refused_and_nothing_changes(vol):
     assert vol.snapshots() == snaps
     after = vol.stats()
     assert (after["gen"], after["next_seq"]) == (st["gen"], st["next_seq"])
-    assert {p.name: p.stat().st_size for p in (vol.path / "segments").iterdir()} == segs
+    assert {p.name: p.stat().st_size for p in (log_dir(vol) / "segments").iterdir()} == segs
     v2 = reopen(vol)
     try:
         assert v2.snapshots() == snaps
