@@ -4,6 +4,10 @@ crash images are built between two flush points: the synced prefix of each file 
 part of what was appended after it, with pages dropped (zeroed) or torn, and files created after
 the last directory fsync possibly missing. Recovery must then show the state of the last flush
 plus a prefix of the requests that followed it (request atomicity), never garbage and never EIO.
+
+lsfs only: this builds crash images from VOL/segments alone. The image backend's power-loss
+states (its change log, image.raw and the mover's syncs, recorded call by call with the same
+drop/tear/lose-file rules) are tests/test_crash_states.py's image variant.
 """
 
 import os
