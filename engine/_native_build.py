@@ -86,6 +86,7 @@ void vol_io_record(vol_io_recorder fn);
 extern "Python" void _io_recorder(int op, uint64_t ino, uint64_t dir, const char *name, const char *name2,
                                   const void *buf, uint64_t len, uint64_t off, int64_t result);
 uint32_t crc32c_extend_sw(uint32_t crc, const void *buf, size_t len);
+void crc32c_blocks(const void *buf, size_t nblocks, size_t bs, uint32_t *out);
 """
 
 # BLOCKREP_SANITIZE=address,undefined builds an instrumented module (tests/test_sanitizers.py)

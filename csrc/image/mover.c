@@ -355,7 +355,10 @@ static int64_t move_batch(vol *v, uint64_t max_blocks, int seal)
         if (lsfs_read_blocks(v, v->head, c[i].lba, 1, buf + keep * BS) == 0) {
             c[keep] = c[i];
             c[keep].data = buf + keep * BS;
-            c[keep].crc = crc32c(c[keep].data, BS);
+            /* an uncompressed entry's crc is the block's own (lsfs_read_blocks just checked
+             * it); a compressed one's is its record's */
+            c[keep].crc = bm_kind(c[keep].loc) == BM_COMP ? crc32c(c[keep].data, BS)
+                                                          : blockmap_get(v->head, c[keep].lba).crc;
             keep++;
         }
     }

@@ -100,11 +100,17 @@ static int read_image(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uin
     }
     if (image_pread(v, dst, (size_t)(n * BS), lba * BS) < 0)
         return -1;
-    for (uint64_t b = 0; b < n; b++)
-        if (crc32c(dst + b * BS, BS) != blockmap_get(map, lba + b).crc) {
-            v->corrupt_reads++;
-            return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (in the image file)", (unsigned long long)(lba + b));
-        }
+    uint32_t cc[READ_CHUNK_BLOCKS];
+    for (uint64_t c = 0; c < n; c += READ_CHUNK_BLOCKS) {
+        uint64_t ce = c + READ_CHUNK_BLOCKS < n ? c + READ_CHUNK_BLOCKS : n;
+        crc32c_blocks(dst + c * BS, (size_t)(ce - c), BS, cc);
+        for (uint64_t b = c; b < ce; b++)
+            if (cc[b - c] != blockmap_get(map, lba + b).crc) {
+                v->corrupt_reads++;
+                return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (in the image file)",
+                                 (unsigned long long)(lba + b));
+            }
+    }
     return 0;
 }
 
@@ -131,9 +137,11 @@ int lsfs_read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint
                 uint64_t ce = c + READ_CHUNK_BLOCKS < j ? c + READ_CHUNK_BLOCKS : j;
                 if (read_bytes(v, seg, off + (c - i) * BS, dst + c * BS, (size_t)(ce - c) * BS) < 0)
                     return -1;
+                uint32_t cc[READ_CHUNK_BLOCKS];
+                crc32c_blocks(dst + c * BS, (size_t)(ce - c), BS, cc);
                 for (uint64_t b = c; b < ce; b++) {
                     bm_entry f = b == i ? e : blockmap_get(map, lba + b);
-                    if (crc32c(dst + b * BS, BS) != f.crc) {
+                    if (cc[b - c] != f.crc) {
                         v->corrupt_reads++;
                         return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
                                     (unsigned long long)(lba + b), (unsigned long long)seg);
@@ -272,8 +280,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
                     if (lsfs_pend_push(v, lba + done + b, 0, (bm_entry){bm_loc(BM_COMP, v->active, rec_off, b), c, gen}) < 0)
                         return -1;
             } else {
-                for (uint32_t b = 0; b < k; b++)
-                    crcs[b] = crc32c(src + (size_t)b * BS, BS);
+                crc32c_blocks(src, k, BS, crcs);
                 if (log_append_record(v, type, more, k, lba + done, gen, crcs, k, src, k * BS, &rec_off, &pay) < 0)
                     return -1;
                 for (uint32_t b = 0; b < k; b++)
@@ -285,8 +292,7 @@ static int write_blocks(vol *v, const uint8_t *data, uint64_t lba, uint64_t n, i
         }
         uint32_t k = (uint32_t)(n - done < MAX_REC_BLOCKS ? n - done : MAX_REC_BLOCKS);
         const uint8_t *src = data + done * BS;
-        for (uint32_t b = 0; b < k; b++)
-            crcs[b] = crc32c(src + (size_t)b * BS, BS);
+        crc32c_blocks(src, k, BS, crcs);
         uint64_t pay;
         if (log_append_record(v, type, (done + k < n || more_after) ? F_MORE : 0, k, lba + done, gen, crcs, k, src,
                           k * BS, NULL, &pay) < 0)
