@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from .params import Params
 
 MOVE_BATCH = 4 << 20  # the mover's batch (docs/IMAGE.md §3)
-MOVER_BUSY_FRACTION = 4  # while clients are busy the mover waits until the log holds max/4
+MOVER_BUSY_FRACTION = 2  # while clients are busy the mover waits until the log holds max/2 (docs/IMAGE.md §3)
 
 
 class ImageMover:
@@ -57,8 +57,9 @@ class ImageMover:
         """The background mover (a thread the server starts after it forks): moves while the
         change log holds head data, seals the active segment once clients have been quiet for
         idle_seconds, and keeps the rate `info` shows. While clients are busy it starts only
-        once the log holds a quarter of journal_size. Errors are logged by the caller's
-        logger and retried every few seconds (the log keeps every block meanwhile)."""
+        once the log holds half of journal_size (a burst below that goes at the log's speed).
+        Errors are logged by the caller's logger and retried every few seconds (the log keeps
+        every block meanwhile)."""
         import logging
         log = logging.getLogger("blockrep.mover")
         last_req, quiet_since = None, _time.monotonic()
