@@ -18,3 +18,8 @@ def redact_uri(uri: str) -> str:
         return uri
     user = userinfo.split(":", 1)[0]
     return urlunsplit(parts._replace(netloc=f"{user}@{hostport}" if user else hostport))
+
+
+def redact(text: str, uri: str) -> str:
+    """An error text with the target URI's password taken out (errors quote the URI)."""
+    return text.replace(uri, redact_uri(uri)) if uri != redact_uri(uri) else text

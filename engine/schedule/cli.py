@@ -7,11 +7,10 @@ import json
 import sys
 
 from ..errors import BlockrepError
-from ..replication.uris import redact_uri
+from ..replication.uris import redact, redact_uri
 from ..units import format_size
 from . import calendar as cal
 from . import config as C
-from .jobs import redact
 
 
 def _dr_retention(uri: str) -> str:

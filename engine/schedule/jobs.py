@@ -21,7 +21,7 @@ from ..replication.drserver import read_role
 from ..replication.plan import Conflict
 from ..replication.replicate import replicate
 from ..replication.retention import FLAG_REPLICATE
-from ..replication.uris import redact_uri
+from ..replication.uris import redact, redact_uri
 from ..units import format_size
 from ..volume import read_params
 from . import calendar as cal
@@ -34,11 +34,6 @@ IDLE_POLL = 30.0  # a target with nothing to do looks again this often (a snapsh
 
 def utcnow() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
-
-
-def redact(text: str, uri: str) -> str:
-    """An error text with the target URI's password taken out (errors quote the URI)."""
-    return text.replace(uri, redact_uri(uri)) if uri != redact_uri(uri) else text
 
 
 def snapshot_name(slot: _dt.datetime) -> str:
