@@ -8,8 +8,9 @@ a FUA write, a snapshot create or delete that had returned), snapshots included.
 
 All 1,110 sequences run in CI (about a minute; BLOCKREP_ACE_STEP=N runs every Nth sequence of 3
 for a quicker look). The image backend runs the same with one more operation, a mover pass
-(copy-before-write of the snapshot's image blocks included), on every third sequence of 3: the
-crash images then also hold image.raw as a power cut leaves it (punches included)."""
+(copy-before-write of the snapshot's image blocks included), on every sequence of 1 and 2 and a
+sixth of those of 3 (a different sixth each run): the crash images then also hold image.raw as a
+power cut leaves it (punches included)."""
 
 from __future__ import annotations
 
@@ -165,10 +166,12 @@ def _workload(base: Path, work: Path, seq: tuple[str, ...], rnd: random.Random, 
     return checked
 
 
-def _sequences(every_third: int, ops: list[str] = OPS) -> list[tuple[str, ...]]:
+def _sequences(every_third: int, ops: list[str] = OPS, offset: int = 0) -> list[tuple[str, ...]]:
+    """Every sequence of 1 and 2 operations, and every `every_third`-th sequence of 3 from
+    `offset` on."""
     seqs = [s for n in (1, 2) for s in itertools.product(ops, repeat=n)]
     threes = list(itertools.product(ops, repeat=3))
-    seqs += threes if every_third == 1 else threes[::every_third]
+    seqs += threes if every_third == 1 else threes[offset % every_third::every_third]
     return seqs
 
 
@@ -190,9 +193,12 @@ def test_every_short_workload_survives_a_crash_at_every_storage_call(tmp_path):
 
 
 def test_every_short_image_workload_survives_a_crash_at_every_storage_call(tmp_path):
-    """The image backend: the same, plus a mover pass, on every third sequence of 3 (CI time);
-    BLOCKREP_ACE_STEP=1 runs them all."""
-    step = int(os.environ.get("BLOCKREP_ACE_IMAGE_STEP", "3"))
+    """The image backend: the same, plus a mover pass, on every sixth sequence of 3 (CI time),
+    a different sixth each run (BLOCKREP_ACE_IMAGE_OFFSET=K replays one; six runs cover them
+    all); BLOCKREP_ACE_IMAGE_STEP=1 runs them all at once."""
+    step = int(os.environ.get("BLOCKREP_ACE_IMAGE_STEP", "6"))
+    offset = int(os.environ.get("BLOCKREP_ACE_IMAGE_OFFSET") or random.SystemRandom().randrange(step))
+    print(f"\nR4 (image): every {step}th sequence of 3 from {offset} (BLOCKREP_ACE_IMAGE_OFFSET={offset} replays it)")
     ops = OPS + ["move"]
     shm = Path(tempfile.mkdtemp(prefix="blockrep-ace-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     try:
@@ -200,13 +206,13 @@ def test_every_short_image_workload_survives_a_crash_at_every_storage_call(tmp_p
         _setup(base, "image")
         rnd = random.Random(5)
         workloads = states = 0
-        for seq in _sequences(step, ops):
+        for seq in _sequences(step, ops, offset):
             states += _workload(base, shm / "work", seq, rnd, shm / "crash", "image")
             workloads += 1
     finally:
         shutil.rmtree(shm, ignore_errors=True)
     print(f"R4 (image): {workloads} workloads, {states} crash states, 0 violations")
-    assert workloads >= 11 + 121 + 1331 // step
+    assert workloads >= 11 + 121 + 1331 // step, workloads
 
 
 @pytest.mark.parametrize("seq", [("move", "write", "move"), ("write", "snap", "move"), ("trim", "move", "unsnap"),
