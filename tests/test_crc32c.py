@@ -57,4 +57,4 @@ def test_blocks_equal_one_crc_per_block_for_every_count_size_and_alignment():
     data[i] ^= 1 << rnd.randrange(8)
     after = ffi.new("uint32_t[]", 8)
     lib.crc32c_blocks(ffi.from_buffer(data), 8, 4096, after)
-    assert [b != a for b, a in zip(before, after)] == [k == i // 4096 for k in range(8)]
+    assert [b != a for b, a in zip(before, after, strict=True)] == [k == i // 4096 for k in range(8)]
