@@ -65,6 +65,27 @@ def _test_journal() -> str:
     return str(_JOURNALS / uuid.uuid4().hex)
 
 
+# A test marked lsfs_only("why") keeps the default backend under make test-image (it inspects
+# VOL/segments, counts the lsfs log's storage calls, or times its collector); the reason is
+# required, so each such test says why it is for one backend.
+_LSFS_ONLY = False
+
+
+@pytest.fixture(autouse=True)
+def _lsfs_only_marker(request):
+    global _LSFS_ONLY
+    m = request.node.get_closest_marker("lsfs_only")
+    assert m is None or (m.args and isinstance(m.args[0], str) and m.args[0]), \
+        "lsfs_only needs a reason: why the test is for the lsfs backend only"
+    _LSFS_ONLY = m is not None
+    yield
+    _LSFS_ONLY = False
+
+
+def _image_mode() -> bool:
+    return TEST_BACKEND == "image" and not _LSFS_ONLY
+
+
 if TEST_BACKEND == "image":
     import atexit
     import shutil as _shutil
@@ -74,7 +95,7 @@ if TEST_BACKEND == "image":
     _create = _volume.create
 
     def _create_image(path, size, **kw):
-        if "backend" not in kw:
+        if "backend" not in kw and _image_mode():
             kw.update(backend="image", journal=_test_journal())
         return _create(path, size, **kw)
 
@@ -87,7 +108,7 @@ def run_blockrep(*args, timeout: float = 120, input: str | None = None,
     """Run `blockrep ARGS…`; returns the CompletedProcess (text stdout/stderr).
 
     With check=True a non-zero exit fails the test, showing the command's stderr."""
-    if TEST_BACKEND == "image" and args and args[0] == "create" and "--backend" not in map(str, args):
+    if _image_mode() and args and args[0] == "create" and "--backend" not in map(str, args):
         args = (*args, "--backend", "image", "--journal", _test_journal())
     proc = subprocess.run([BLOCKREP, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, input=input, stdin=None if input else subprocess.DEVNULL)

@@ -17,6 +17,11 @@ from engine import faults, volume
 from engine.errors import BlockrepError, CorruptionError, DiskError, NoSpace
 from engine.volume import Volume
 
+pytestmark = pytest.mark.lsfs_only(
+    "plants, truncates and fails the lsfs log's own files and calls; the image backend's are "
+    "tests/test_image_faults.py"
+)
+
 MiB = 1 << 20
 BS = 4096
 

@@ -26,6 +26,11 @@ from engine import faults, volume
 from engine.errors import BlockrepError
 from engine.volume import Volume
 
+pytestmark = pytest.mark.lsfs_only(
+    "R7 counts the storage calls of an lsfs volume to fail the Nth; the image mover's failures "
+    "(not request failures: the log keeps every block) are tests/test_image_faults.py"
+)
+
 MiB = 1 << 20
 BS = 4096
 SIZE = 2 * MiB

@@ -337,6 +337,10 @@ def _wait_for_collector(vol, ratio: float, timeout: float = 20) -> dict:
         time.sleep(0.25)
 
 
+@pytest.mark.lsfs_only(
+    "waits for the lsfs collector to move snapshot blocks; the image backend's copy-before-"
+    "write is tests/test_image_backend.py"
+)
 def test_snapshot_content_never_changes_across_writes_collector_restart_and_sigkill(make_server):
     """R12: a snapshot's bytes are the same after heavy head writes, after the collector has
     moved the snapshot's own blocks, after `stop`/`serve`, and after SIGKILL + serve."""
@@ -404,6 +408,7 @@ def test_snapshot_content_never_changes_across_writes_collector_restart_and_sigk
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.lsfs_only("crashes right after an lsfs collector pass over snapshot blocks")
 def test_crash_after_the_collector_moved_snapshot_blocks_keeps_the_heads_newer_data(tmp_path):
     """Regression (found by the R18 churn test): the collector relocates a block that only a
     snapshot still maps (the head has a newer, flushed version); a crash before the collector's
@@ -1141,6 +1146,7 @@ def test_sigkill_during_snapshot_create_and_delete_many_rounds(make_server):
 
 # ------------------------------------------------------------------------------------- space
 
+@pytest.mark.lsfs_only("measures the lsfs collector's reclaimed space (used vs live bytes of the log)")
 def test_deleting_a_snapshot_lets_the_collector_reclaim_its_space(make_server):
     s = make_server(size="128M")
     h = s.connect()
