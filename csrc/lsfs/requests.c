@@ -89,6 +89,29 @@ static int read_compressed(vol *v, bm_entry e, uint8_t *dst)
     return 0;
 }
 
+#define FROM_IMAGE UINT64_MAX /* check_blocks' seg for blocks read from the image */
+
+/* Blocks [lba, lba+n) just read into dst, each checked against map's entry CRC, a chunk of CRCs
+ * at a time (crc32c_blocks). seg says where they came from, for the message (FROM_IMAGE). */
+static int check_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, const uint8_t *dst, uint64_t seg)
+{
+    uint32_t cc[READ_CHUNK_BLOCKS];
+    for (uint64_t c = 0; c < n; c += READ_CHUNK_BLOCKS) {
+        uint64_t ce = c + READ_CHUNK_BLOCKS < n ? c + READ_CHUNK_BLOCKS : n;
+        crc32c_blocks(dst + c * BS, (size_t)(ce - c), BS, cc);
+        for (uint64_t b = c; b < ce; b++)
+            if (cc[b - c] != blockmap_get(map, lba + b).crc) {
+                v->corrupt_reads++;
+                if (seg == FROM_IMAGE)
+                    return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (in the image file)",
+                                     (unsigned long long)(lba + b));
+                return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
+                                 (unsigned long long)(lba + b), (unsigned long long)seg);
+            }
+    }
+    return 0;
+}
+
 /* Blocks [lba, lba+n) that map says are in the image (all of kind BM_IMAGE): one pread, then
  * each block checked against its entry's CRC, so a block changed behind the engine's back
  * (another tool writing image.raw while served) is EIO, never served as garbage. */
@@ -100,18 +123,7 @@ static int read_image(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uin
     }
     if (image_pread(v, dst, (size_t)(n * BS), lba * BS) < 0)
         return -1;
-    uint32_t cc[READ_CHUNK_BLOCKS];
-    for (uint64_t c = 0; c < n; c += READ_CHUNK_BLOCKS) {
-        uint64_t ce = c + READ_CHUNK_BLOCKS < n ? c + READ_CHUNK_BLOCKS : n;
-        crc32c_blocks(dst + c * BS, (size_t)(ce - c), BS, cc);
-        for (uint64_t b = c; b < ce; b++)
-            if (cc[b - c] != blockmap_get(map, lba + b).crc) {
-                v->corrupt_reads++;
-                return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (in the image file)",
-                                 (unsigned long long)(lba + b));
-            }
-    }
-    return 0;
+    return check_blocks(v, map, lba, n, dst, FROM_IMAGE);
 }
 
 int lsfs_read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint8_t *dst)
@@ -135,18 +147,9 @@ int lsfs_read_blocks(vol *v, const blockmap *map, uint64_t lba, uint64_t n, uint
              * the copy just filled, not from memory a second time */
             for (uint64_t c = i; c < j; c += READ_CHUNK_BLOCKS) {
                 uint64_t ce = c + READ_CHUNK_BLOCKS < j ? c + READ_CHUNK_BLOCKS : j;
-                if (read_bytes(v, seg, off + (c - i) * BS, dst + c * BS, (size_t)(ce - c) * BS) < 0)
+                if (read_bytes(v, seg, off + (c - i) * BS, dst + c * BS, (size_t)(ce - c) * BS) < 0 ||
+                    check_blocks(v, map, lba + c, ce - c, dst + c * BS, seg) < 0)
                     return -1;
-                uint32_t cc[READ_CHUNK_BLOCKS];
-                crc32c_blocks(dst + c * BS, (size_t)(ce - c), BS, cc);
-                for (uint64_t b = c; b < ce; b++) {
-                    bm_entry f = b == i ? e : blockmap_get(map, lba + b);
-                    if (cc[b - c] != f.crc) {
-                        v->corrupt_reads++;
-                        return lsfs_fail(EBADMSG, "checksum mismatch for block %llu (segment %llu)",
-                                    (unsigned long long)(lba + b), (unsigned long long)seg);
-                    }
-                }
             }
             i = j;
         } else if (k == BM_COMP) {
